@@ -1,0 +1,26 @@
+# Shared by scripts/*: install what the build and the tests need, on Debian/Ubuntu.
+# Sourced, not run. Installs only what is missing: etcd (Debian's etcd-server) and protoc
+# (protobuf-compiler, needed by etcd-client's build).
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+ensure_packages() {
+  local missing=()
+  command -v etcd >/dev/null 2>&1 || [ -n "${LEASEHOLD_ETCD_BIN:-}" ] || missing+=(etcd-server)
+  command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
+  command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+  for extra in "$@"; do
+    case "$extra" in
+      sqlite3) command -v sqlite3 >/dev/null 2>&1 || missing+=(sqlite3) ;;
+    esac
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "==> installing ${missing[*]}"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  # Debian's package may start a system etcd on 2379; we never use it (tests pick free ports).
+  command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
+}

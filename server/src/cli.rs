@@ -1,0 +1,114 @@
+//! The `leasehold-server` command line: flags (each also read from the environment), logging,
+//! signals.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use crate::Config;
+
+/// Stateless HTTP lease and fencing-token lock server; every lease, lock and token lives in etcd.
+#[derive(Debug, Parser)]
+#[command(
+    name = "leasehold-server",
+    version,
+    after_help = "Example:\n  leasehold-server --listen 127.0.0.1:7070 --etcd-endpoints http://127.0.0.1:2379 --prefix /leasehold"
+)]
+pub struct Args {
+    /// Address to serve HTTP on.
+    #[arg(long, env = "LEASEHOLD_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// etcd client URLs, comma-separated.
+    #[arg(
+        long,
+        env = "LEASEHOLD_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// Root of every key written in etcd.
+    #[arg(long, env = "LEASEHOLD_PREFIX", default_value = "/leasehold")]
+    pub prefix: String,
+    /// Longest lease TTL granted (humantime, e.g. 1h).
+    #[arg(long, env = "LEASEHOLD_MAX_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub max_ttl: Duration,
+    /// Longest acquire wait accepted (humantime, e.g. 5m).
+    #[arg(long, env = "LEASEHOLD_MAX_WAIT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub max_wait: Duration,
+    /// Bound on each etcd call; past it requests answer 503 store_unavailable.
+    #[arg(long, env = "LEASEHOLD_ETCD_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub etcd_timeout: Duration,
+    /// Log format. Filter with RUST_LOG (default: info).
+    #[arg(long, env = "LEASEHOLD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How logs are written to stderr.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Args {
+    /// The server configuration these flags describe.
+    pub fn config(&self) -> Config {
+        Config::default()
+            .with_etcd_endpoints(self.etcd_endpoints.iter().cloned())
+            .with_prefix(self.prefix.clone())
+            .with_etcd_timeout(self.etcd_timeout)
+            .with_limits(self.max_ttl, self.max_wait)
+    }
+}
+
+/// Entry point of the `leasehold-server` binary.
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("leasehold-server: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %err, "leasehold-server failed");
+            eprintln!("leasehold-server: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: Args) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    crate::run(listener, args.config(), shutdown_signal()).await
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,142 @@
+//! Every error the HTTP API returns, and its stable `code` and status, in one `match`.
+//!
+//! The body is always `{"error":{"code":"...","message":"..."}}` (plus `holder` for
+//! `lock_held`). Internal details (etcd's own messages) are logged, not sent.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::service::{Holder, ServiceError};
+
+/// An error answered to an HTTP client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not JSON.
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// The lock name is empty, too long, or contains control characters.
+    #[error("invalid lock name: {0}")]
+    InvalidName(String),
+    /// `ttl` is missing, unparseable, zero, or above the maximum.
+    #[error("invalid ttl: {0}")]
+    InvalidTtl(String),
+    /// `wait` is unparseable or above the maximum.
+    #[error("invalid wait: {0}")]
+    InvalidWait(String),
+    /// Any other malformed request (wrong field types, both or neither of `lease_id`/`ttl`...).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The body is over the size limit.
+    #[error("request body is larger than {0} bytes")]
+    BodyTooLarge(usize),
+    /// The lease does not exist (expired, revoked, or never granted).
+    #[error("lease not found (expired, revoked or never granted)")]
+    LeaseNotFound,
+    /// No such route.
+    #[error("no such route: {0}")]
+    NotFound(String),
+    /// The route exists but not with this method.
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+    /// The lock was not acquired within the wait.
+    #[error("lock is held by someone else")]
+    LockHeld(Option<Holder>),
+    /// The token does not hold the lock.
+    #[error("this token does not hold the lock (released, expired, or never granted)")]
+    NotHolder,
+    /// etcd did not answer or failed: nothing was granted or changed that we know of.
+    #[error("the lock store (etcd) is unavailable; nothing was granted, retry later")]
+    StoreUnavailable(String),
+    /// The server is shutting down; retry on another replica.
+    #[error("server is shutting down; retry on another replica")]
+    ShuttingDown,
+}
+
+/// The JSON body of every error.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+    /// For `lock_held`: who holds the lock now (`null` if it was freed meanwhile).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holder: Option<Option<HolderBrief>>,
+}
+
+/// A stable machine-readable code and a human message.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable snake_case code, e.g. `lock_held`.
+    pub code: &'static str,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+/// The holder as shown in a `lock_held` error.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HolderBrief {
+    /// Who holds the lock, if they said.
+    pub owner: Option<String>,
+    /// The holder's fencing token.
+    pub token: u64,
+}
+
+impl ApiError {
+    /// The status and stable code of this error.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use ApiError as E;
+        match self {
+            E::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
+            E::InvalidName(_) => (StatusCode::BAD_REQUEST, "invalid_name"),
+            E::InvalidTtl(_) => (StatusCode::BAD_REQUEST, "invalid_ttl"),
+            E::InvalidWait(_) => (StatusCode::BAD_REQUEST, "invalid_wait"),
+            E::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            E::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            E::LeaseNotFound => (StatusCode::NOT_FOUND, "lease_not_found"),
+            E::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            E::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            E::LockHeld(_) => (StatusCode::CONFLICT, "lock_held"),
+            E::NotHolder => (StatusCode::CONFLICT, "not_holder"),
+            E::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+        }
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(err: ServiceError) -> Self {
+        match err {
+            ServiceError::LeaseNotFound => ApiError::LeaseNotFound,
+            ServiceError::LockHeld { holder } => ApiError::LockHeld(holder),
+            ServiceError::NotHolder => ApiError::NotHolder,
+            ServiceError::Unavailable(msg) => ApiError::StoreUnavailable(msg),
+            ServiceError::ShuttingDown => ApiError::ShuttingDown,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if let ApiError::StoreUnavailable(detail) = &self {
+            tracing::warn!(%detail, "answering store_unavailable");
+        }
+        let holder = match &self {
+            ApiError::LockHeld(holder) => Some(holder.as_ref().map(|h| HolderBrief {
+                owner: h.owner.clone(),
+                token: h.token,
+            })),
+            _ => None,
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code,
+                message: self.to_string(),
+            },
+            holder,
+        };
+        (status, Json(body)).into_response()
+    }
+}

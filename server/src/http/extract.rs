@@ -1,0 +1,278 @@
+//! Our own extractors, so that every rejection is an [`ApiError`] with a stable code, and request
+//! validation that never reaches etcd with bad input.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use crate::keys::{LeaseId, LockName};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Longest `owner` accepted, in bytes.
+pub const MAX_OWNER_BYTES: usize = 1024;
+
+/// A JSON object body. Any content type is accepted: the body must parse as a JSON object.
+#[derive(Debug)]
+pub struct JsonObject(pub Map<String, Value>);
+
+impl<S: Send + Sync> FromRequest<S> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes =
+            Bytes::from_request(req, state)
+                .await
+                .map_err(|rejection: BytesRejection| {
+                    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                        ApiError::BodyTooLarge(MAX_BODY_BYTES)
+                    } else {
+                        ApiError::InvalidRequest(rejection.body_text())
+                    }
+                })?;
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(map)) => Ok(Self(map)),
+            Ok(_) => Err(ApiError::InvalidRequest(
+                "the body must be a JSON object".into(),
+            )),
+            Err(err) => Err(ApiError::InvalidJson(err.to_string())),
+        }
+    }
+}
+
+/// The `{name}` path segment, percent-decoded and validated as a lock name.
+#[derive(Debug)]
+pub struct LockNamePath(pub LockName);
+
+impl<S: Send + Sync> FromRequestParts<S> for LockNamePath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| ApiError::InvalidName(rejection.body_text()))?;
+        LockName::new(raw)
+            .map(Self)
+            .map_err(|err| ApiError::InvalidName(err.to_string()))
+    }
+}
+
+/// The `{lease_id}` path segment. An id that cannot name a lease is simply not found.
+#[derive(Debug)]
+pub struct LeaseIdPath(pub LeaseId);
+
+impl<S: Send + Sync> FromRequestParts<S> for LeaseIdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::LeaseNotFound)?;
+        raw.parse().map(Self).map_err(|()| ApiError::LeaseNotFound)
+    }
+}
+
+/// Server-side bounds on what clients may ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest TTL granted.
+    pub max_ttl: Duration,
+    /// Longest wait accepted.
+    pub max_wait: Duration,
+}
+
+/// Typed access to a JSON object's fields, with the error code each field's problems deserve.
+/// `null` counts as absent.
+pub struct Fields<'a>(pub &'a Map<String, Value>);
+
+impl Fields<'_> {
+    fn get(&self, field: &str) -> Option<&Value> {
+        self.0.get(field).filter(|v| !v.is_null())
+    }
+
+    /// An optional string field; anything but a string is `invalid(...)`.
+    pub fn string(
+        &self,
+        field: &str,
+        invalid: fn(String) -> ApiError,
+    ) -> Result<Option<String>, ApiError> {
+        match self.get(field) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(invalid(format!("`{field}` must be a string, not {other}"))),
+        }
+    }
+
+    /// `owner`: optional text of bounded size.
+    pub fn owner(&self) -> Result<Option<String>, ApiError> {
+        let owner = self.string("owner", ApiError::InvalidRequest)?;
+        if owner.as_ref().is_some_and(|o| o.len() > MAX_OWNER_BYTES) {
+            return Err(ApiError::InvalidRequest(format!(
+                "`owner` is longer than {MAX_OWNER_BYTES} bytes"
+            )));
+        }
+        Ok(owner)
+    }
+
+    /// `ttl`: a humantime duration (`"10s"`, `"1m30s"`), above zero, at most `limits.max_ttl`.
+    pub fn ttl(&self, limits: &Limits) -> Result<Option<Duration>, ApiError> {
+        let Some(ttl) = self.duration("ttl", ApiError::InvalidTtl)? else {
+            return Ok(None);
+        };
+        if ttl.is_zero() {
+            return Err(ApiError::InvalidTtl("`ttl` must be above zero".into()));
+        }
+        if ttl > limits.max_ttl {
+            return Err(ApiError::InvalidTtl(format!(
+                "`ttl` is above the maximum of {}",
+                humantime::format_duration(limits.max_ttl)
+            )));
+        }
+        Ok(Some(ttl))
+    }
+
+    /// `wait`: a humantime duration, default zero (try once), at most `limits.max_wait`.
+    pub fn wait(&self, limits: &Limits) -> Result<Duration, ApiError> {
+        let wait = self
+            .duration("wait", ApiError::InvalidWait)?
+            .unwrap_or(Duration::ZERO);
+        if wait > limits.max_wait {
+            return Err(ApiError::InvalidWait(format!(
+                "`wait` is above the maximum of {}",
+                humantime::format_duration(limits.max_wait)
+            )));
+        }
+        Ok(wait)
+    }
+
+    /// `token`: a fencing token, a non-negative JSON integer.
+    pub fn token(&self) -> Result<u64, ApiError> {
+        match self.get("token") {
+            Some(Value::Number(n)) if n.as_u64().is_some() => Ok(n.as_u64().unwrap_or_default()),
+            Some(other) => Err(ApiError::InvalidRequest(format!(
+                "`token` must be a non-negative integer, not {other}"
+            ))),
+            None => Err(ApiError::InvalidRequest("`token` is required".into())),
+        }
+    }
+
+    fn duration(
+        &self,
+        field: &str,
+        invalid: fn(String) -> ApiError,
+    ) -> Result<Option<Duration>, ApiError> {
+        let Some(text) = self.string(field, invalid)? else {
+            return Ok(None);
+        };
+        humantime::parse_duration(text.trim())
+            .map(Some)
+            .map_err(|err| {
+                invalid(format!(
+                    "`{field}` must be a duration such as \"10s\" or \"1m30s\" ({err})"
+                ))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    const LIMITS: Limits = Limits {
+        max_ttl: Duration::from_secs(3600),
+        max_wait: Duration::from_secs(300),
+    };
+
+    fn fields(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn ttl_rules() {
+        let ok = fields(json!({"ttl": "1m30s"}));
+        assert_eq!(
+            Fields(&ok).ttl(&LIMITS).unwrap(),
+            Some(Duration::from_secs(90))
+        );
+        for bad in [
+            json!({"ttl": "abc"}),
+            json!({"ttl": "0s"}),
+            json!({"ttl": "2h"}),
+            json!({"ttl": 10}),
+        ] {
+            let map = fields(bad);
+            assert!(
+                matches!(Fields(&map).ttl(&LIMITS), Err(ApiError::InvalidTtl(_))),
+                "{map:?}"
+            );
+        }
+        let null = fields(json!({"ttl": null}));
+        assert_eq!(Fields(&null).ttl(&LIMITS).unwrap(), None);
+    }
+
+    #[test]
+    fn wait_rules() {
+        let none = fields(json!({}));
+        assert_eq!(Fields(&none).wait(&LIMITS).unwrap(), Duration::ZERO);
+        for bad in [
+            json!({"wait": "abc"}),
+            json!({"wait": "6m"}),
+            json!({"wait": true}),
+        ] {
+            let map = fields(bad);
+            assert!(matches!(
+                Fields(&map).wait(&LIMITS),
+                Err(ApiError::InvalidWait(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn token_rules() {
+        let ok = fields(json!({"token": 42}));
+        assert_eq!(Fields(&ok).token().unwrap(), 42);
+        for bad in [
+            json!({}),
+            json!({"token": -1}),
+            json!({"token": "42"}),
+            json!({"token": 1.5}),
+        ] {
+            let map = fields(bad);
+            assert!(matches!(
+                Fields(&map).token(),
+                Err(ApiError::InvalidRequest(_))
+            ));
+        }
+    }
+
+    proptest! {
+        /// Any string is either a valid ttl within bounds or an `invalid_ttl`, never a panic.
+        #[test]
+        fn ttl_parsing_is_total(text in ".{0,40}") {
+            let map = fields(json!({"ttl": text}));
+            match Fields(&map).ttl(&LIMITS) {
+                Ok(Some(ttl)) => prop_assert!(!ttl.is_zero() && ttl <= LIMITS.max_ttl),
+                Ok(None) => prop_assert!(false, "a string ttl is never absent"),
+                Err(err) => prop_assert!(matches!(err, ApiError::InvalidTtl(_))),
+            }
+        }
+
+        /// Durations written by humantime parse back to themselves.
+        #[test]
+        fn durations_round_trip(ms in 1u64..3_600_000) {
+            let d = Duration::from_millis(ms);
+            let map = fields(json!({"wait": humantime::format_duration(d).to_string()}));
+            let parsed = Fields(&map).wait(&Limits { max_ttl: LIMITS.max_ttl, max_wait: Duration::from_secs(3600) });
+            prop_assert_eq!(parsed.unwrap(), d);
+        }
+    }
+}

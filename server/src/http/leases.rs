@@ -1,0 +1,143 @@
+//! `/v1/leases` routes.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{Fields, JsonObject, LeaseIdPath};
+
+/// Body of `POST /v1/leases`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)] // documents the body; it is read field by field for precise error codes
+pub struct GrantLeaseBody {
+    /// TTL as a humantime duration (`"10s"`, `"1m30s"`); raised to etcd's minimum if lower.
+    #[schema(example = "10s")]
+    ttl: String,
+    /// Who holds the lease (free text).
+    owner: Option<String>,
+}
+
+/// A lease.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LeaseResponse {
+    /// Opaque lease id (16 hex digits).
+    pub lease_id: String,
+    /// The TTL etcd granted, in milliseconds.
+    pub ttl_ms: u64,
+    /// Who holds it.
+    pub owner: Option<String>,
+}
+
+/// A refreshed lease.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeepAliveResponse {
+    /// The lease.
+    pub lease_id: String,
+    /// The TTL it was refreshed to, in milliseconds.
+    pub ttl_ms: u64,
+}
+
+/// Everything known about a lease.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LeaseInfoResponse {
+    /// The lease.
+    pub lease_id: String,
+    /// The TTL etcd granted, in milliseconds.
+    pub ttl_ms: u64,
+    /// Time left before expiry, in milliseconds (whole seconds, as etcd counts).
+    pub remaining_ms: u64,
+    /// Who holds it.
+    pub owner: Option<String>,
+    /// Names of the locks held under this lease now.
+    pub locks: Vec<String>,
+}
+
+/// Grants a lease.
+#[utoipa::path(post, path = "/v1/leases", tag = "leases",
+    request_body = GrantLeaseBody,
+    responses(
+        (status = 201, description = "Lease granted", body = LeaseResponse),
+        (status = 400, description = "invalid_json, invalid_ttl or invalid_request", body = ErrorBody),
+        (status = 413, description = "body_too_large", body = ErrorBody),
+        (status = 503, description = "store_unavailable", body = ErrorBody),
+    ))]
+pub async fn grant_lease(
+    State(state): State<AppState>,
+    JsonObject(body): JsonObject,
+) -> Result<(StatusCode, Json<LeaseResponse>), ApiError> {
+    let fields = Fields(&body);
+    let ttl = fields
+        .ttl(&state.limits)?
+        .ok_or_else(|| ApiError::InvalidTtl("`ttl` is required".into()))?;
+    let owner = fields.owner()?;
+    let lease = state.service.grant_lease(ttl, owner).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(LeaseResponse {
+            lease_id: lease.lease_id.to_string(),
+            ttl_ms: lease.ttl_ms,
+            owner: lease.owner,
+        }),
+    ))
+}
+
+/// Refreshes a lease to its full TTL.
+#[utoipa::path(post, path = "/v1/leases/{lease_id}/keepalive", tag = "leases",
+    params(("lease_id" = String, Path, description = "Lease id")),
+    responses(
+        (status = 200, description = "Lease refreshed", body = KeepAliveResponse),
+        (status = 404, description = "lease_not_found", body = ErrorBody),
+        (status = 503, description = "store_unavailable", body = ErrorBody),
+    ))]
+pub async fn keep_lease_alive(
+    State(state): State<AppState>,
+    LeaseIdPath(lease): LeaseIdPath,
+) -> Result<Json<KeepAliveResponse>, ApiError> {
+    let ttl_ms = state.service.keep_lease_alive(lease).await?;
+    Ok(Json(KeepAliveResponse {
+        lease_id: lease.to_string(),
+        ttl_ms,
+    }))
+}
+
+/// Shows a lease: TTL, time left, owner, locks held.
+#[utoipa::path(get, path = "/v1/leases/{lease_id}", tag = "leases",
+    params(("lease_id" = String, Path, description = "Lease id")),
+    responses(
+        (status = 200, description = "The lease", body = LeaseInfoResponse),
+        (status = 404, description = "lease_not_found", body = ErrorBody),
+        (status = 503, description = "store_unavailable", body = ErrorBody),
+    ))]
+pub async fn show_lease(
+    State(state): State<AppState>,
+    LeaseIdPath(lease): LeaseIdPath,
+) -> Result<Json<LeaseInfoResponse>, ApiError> {
+    let info = state.service.lease_info(lease).await?;
+    Ok(Json(LeaseInfoResponse {
+        lease_id: info.lease_id.to_string(),
+        ttl_ms: info.ttl_ms,
+        remaining_ms: info.remaining_ms,
+        owner: info.owner,
+        locks: info.locks,
+    }))
+}
+
+/// Revokes a lease: every lock held or awaited under it is freed at once.
+#[utoipa::path(delete, path = "/v1/leases/{lease_id}", tag = "leases",
+    params(("lease_id" = String, Path, description = "Lease id")),
+    responses(
+        (status = 204, description = "Lease revoked"),
+        (status = 404, description = "lease_not_found", body = ErrorBody),
+        (status = 503, description = "store_unavailable", body = ErrorBody),
+    ))]
+pub async fn revoke_lease(
+    State(state): State<AppState>,
+    LeaseIdPath(lease): LeaseIdPath,
+) -> Result<StatusCode, ApiError> {
+    state.service.revoke_lease(lease).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

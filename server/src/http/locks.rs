@@ -1,0 +1,219 @@
+//! `/v1/locks/{name}` routes. `{name}` is the percent-encoded lock name.
+
+use axum::Json;
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{Fields, JsonObject, LockNamePath};
+use crate::keys::LeaseId;
+use crate::lock::{AcquireRequest, LeaseChoice};
+
+/// Body of `POST /v1/locks/{name}/acquire`: exactly one of `lease_id` or `ttl`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)] // documents the body; it is read field by field for precise error codes
+pub struct AcquireBody {
+    /// Hold the lock under this existing lease (kept alive by you).
+    lease_id: Option<String>,
+    /// Or: the server grants a lease of this TTL for the lock (humantime, e.g. `"10s"`).
+    #[schema(example = "10s")]
+    ttl: Option<String>,
+    /// How long to wait in line (humantime); default `"0s"`: try once.
+    #[schema(example = "5s")]
+    wait: Option<String>,
+    /// Who is asking (shown to others while held).
+    owner: Option<String>,
+}
+
+/// Body of `renew` and `release`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)] // documents the body; it is read field by field for precise error codes
+pub struct TokenBody {
+    /// The fencing token the lock was granted with.
+    token: u64,
+}
+
+/// A granted lock.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AcquireResponse {
+    /// The lock name.
+    pub name: String,
+    /// Fencing token: strictly greater than every token issued before for this lock.
+    pub token: u64,
+    /// The lease the hold is attached to.
+    pub lease_id: String,
+    /// The lease's TTL, in milliseconds.
+    pub ttl_ms: u64,
+    /// Who holds it.
+    pub owner: Option<String>,
+}
+
+/// A renewed hold.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RenewResponse {
+    /// The lock name.
+    pub name: String,
+    /// The token that still holds it.
+    pub token: u64,
+    /// The lease that was refreshed.
+    pub lease_id: String,
+    /// The TTL it was refreshed to, in milliseconds.
+    pub ttl_ms: u64,
+}
+
+/// A released lock.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReleaseResponse {
+    /// Always `true`.
+    pub released: bool,
+}
+
+/// The holder as shown by `GET /v1/locks/{name}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HolderResponse {
+    /// Who holds it.
+    pub owner: Option<String>,
+    /// Its fencing token.
+    pub token: u64,
+    /// The lease it is held under.
+    pub lease_id: String,
+}
+
+/// Who holds a lock and how many wait.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LockStatusResponse {
+    /// The lock name.
+    pub name: String,
+    /// The holder, or `null`.
+    pub holder: Option<HolderResponse>,
+    /// Waiters queued behind the holder.
+    pub waiters: u64,
+}
+
+/// Acquires a lock, waiting in line up to `wait`.
+#[utoipa::path(post, path = "/v1/locks/{name}/acquire", tag = "locks",
+    params(("name" = String, Path, description = "Lock name, percent-encoded")),
+    request_body = AcquireBody,
+    responses(
+        (status = 200, description = "Lock granted", body = AcquireResponse),
+        (status = 400, description = "invalid_json, invalid_name, invalid_ttl, invalid_wait or invalid_request", body = ErrorBody),
+        (status = 404, description = "lease_not_found", body = ErrorBody),
+        (status = 409, description = "lock_held (with `holder`)", body = ErrorBody),
+        (status = 413, description = "body_too_large", body = ErrorBody),
+        (status = 503, description = "store_unavailable or shutting_down", body = ErrorBody),
+    ))]
+pub async fn acquire_lock(
+    State(state): State<AppState>,
+    LockNamePath(name): LockNamePath,
+    JsonObject(body): JsonObject,
+) -> Result<Json<AcquireResponse>, ApiError> {
+    let fields = Fields(&body);
+    let lease_id = fields.string("lease_id", ApiError::InvalidRequest)?;
+    let ttl = fields.ttl(&state.limits)?;
+    let wait = fields.wait(&state.limits)?;
+    let owner = fields.owner()?;
+    let lease = match (lease_id, ttl) {
+        (Some(id), None) => LeaseChoice::Existing(
+            id.parse::<LeaseId>()
+                .map_err(|()| ApiError::LeaseNotFound)?,
+        ),
+        (None, Some(ttl)) => LeaseChoice::New { ttl },
+        (Some(_), Some(_)) => {
+            return Err(ApiError::InvalidRequest(
+                "give either `lease_id` or `ttl`, not both".into(),
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::InvalidRequest(
+                "give `lease_id` (an existing lease) or `ttl` (a new one)".into(),
+            ));
+        }
+    };
+    let grant = state
+        .service
+        .acquire(AcquireRequest {
+            name,
+            lease,
+            wait,
+            owner,
+        })
+        .await?;
+    Ok(Json(AcquireResponse {
+        name: grant.name.to_string(),
+        token: grant.token,
+        lease_id: grant.lease_id.to_string(),
+        ttl_ms: grant.ttl_ms,
+        owner: grant.owner,
+    }))
+}
+
+/// Keeps the holder's lease alive, if `token` still holds the lock.
+#[utoipa::path(post, path = "/v1/locks/{name}/renew", tag = "locks",
+    params(("name" = String, Path, description = "Lock name, percent-encoded")),
+    request_body = TokenBody,
+    responses(
+        (status = 200, description = "Hold renewed", body = RenewResponse),
+        (status = 400, description = "invalid_json, invalid_name or invalid_request", body = ErrorBody),
+        (status = 409, description = "not_holder", body = ErrorBody),
+        (status = 503, description = "store_unavailable", body = ErrorBody),
+    ))]
+pub async fn renew_lock(
+    State(state): State<AppState>,
+    LockNamePath(name): LockNamePath,
+    JsonObject(body): JsonObject,
+) -> Result<Json<RenewResponse>, ApiError> {
+    let token = Fields(&body).token()?;
+    let renewal = state.service.renew(&name, token).await?;
+    Ok(Json(RenewResponse {
+        name: renewal.name.to_string(),
+        token: renewal.token,
+        lease_id: renewal.lease_id.to_string(),
+        ttl_ms: renewal.ttl_ms,
+    }))
+}
+
+/// Releases the lock, if `token` holds it; deletes nothing otherwise.
+#[utoipa::path(post, path = "/v1/locks/{name}/release", tag = "locks",
+    params(("name" = String, Path, description = "Lock name, percent-encoded")),
+    request_body = TokenBody,
+    responses(
+        (status = 200, description = "Released", body = ReleaseResponse),
+        (status = 400, description = "invalid_json, invalid_name or invalid_request", body = ErrorBody),
+        (status = 409, description = "not_holder", body = ErrorBody),
+        (status = 503, description = "store_unavailable", body = ErrorBody),
+    ))]
+pub async fn release_lock(
+    State(state): State<AppState>,
+    LockNamePath(name): LockNamePath,
+    JsonObject(body): JsonObject,
+) -> Result<Json<ReleaseResponse>, ApiError> {
+    let token = Fields(&body).token()?;
+    state.service.release(&name, token).await?;
+    Ok(Json(ReleaseResponse { released: true }))
+}
+
+/// Shows who holds a lock and how many wait.
+#[utoipa::path(get, path = "/v1/locks/{name}", tag = "locks",
+    params(("name" = String, Path, description = "Lock name, percent-encoded")),
+    responses(
+        (status = 200, description = "Lock status", body = LockStatusResponse),
+        (status = 400, description = "invalid_name", body = ErrorBody),
+        (status = 503, description = "store_unavailable", body = ErrorBody),
+    ))]
+pub async fn lock_status(
+    State(state): State<AppState>,
+    LockNamePath(name): LockNamePath,
+) -> Result<Json<LockStatusResponse>, ApiError> {
+    let status = state.service.lock_status(&name).await?;
+    Ok(Json(LockStatusResponse {
+        name: status.name.to_string(),
+        holder: status.holder.map(|h| HolderResponse {
+            owner: h.owner,
+            token: h.token,
+            lease_id: h.lease_id.to_string(),
+        }),
+        waiters: status.waiters,
+    }))
+}

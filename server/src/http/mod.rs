@@ -1,0 +1,151 @@
+//! The HTTP API v1: routes, state and the service routes (`/healthz`, `/readyz`,
+//! `/openapi.json`). Handlers translate HTTP to calls on [`Service`] and back; they decide
+//! nothing about locks.
+
+pub mod error;
+pub mod extract;
+pub mod leases;
+pub mod locks;
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::{OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::service::Service;
+use error::ApiError;
+pub use extract::{Limits, MAX_BODY_BYTES};
+
+/// What every handler gets.
+#[derive(Clone)]
+pub struct AppState {
+    /// The lease-and-lock service.
+    pub service: Service,
+    /// Bounds on TTLs and waits.
+    pub limits: Limits,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Leasehold",
+        description = "Fencing-token locks and TTL leases, kept in etcd. Errors are `{\"error\":{\"code\",\"message\"}}` with a stable code."
+    ),
+    tags(
+        (name = "leases", description = "TTL leases that locks are held under"),
+        (name = "locks", description = "FIFO locks with fencing tokens"),
+        (name = "service", description = "Health, readiness and this document"),
+    )
+)]
+struct ApiDoc;
+
+/// The router and the OpenAPI document generated from the same route list.
+pub fn router_and_openapi(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
+    let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(leases::grant_lease))
+        .routes(routes!(leases::keep_lease_alive))
+        .routes(routes!(leases::show_lease, leases::revoke_lease))
+        .routes(routes!(locks::acquire_lock))
+        .routes(routes!(locks::renew_lock))
+        .routes(routes!(locks::release_lock))
+        .routes(routes!(locks::lock_status))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(openapi_json))
+        .split_for_parts();
+    let document = Arc::new(openapi.clone());
+    let router = router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(reject_large_bodies))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(axum::Extension(document))
+        .with_state(state);
+    (router, openapi)
+}
+
+/// The HTTP application.
+pub fn app(state: AppState) -> Router {
+    router_and_openapi(state).0
+}
+
+/// Rejects a declared body over the limit before any handler runs, whether or not the route
+/// reads a body (streamed bodies are cut by [`DefaultBodyLimit`] in the extractor).
+async fn reject_large_bodies(request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
+        return ApiError::BodyTooLarge(MAX_BODY_BYTES).into_response();
+    }
+    next.run(request).await
+}
+
+async fn not_found(request: Request) -> ApiError {
+    let path = request.uri().path();
+    // `/v1/locks//acquire`: the empty name matches no route, but it is a bad name, not a bad
+    // route.
+    if let Some(rest) = path.strip_prefix("/v1/locks/")
+        && (rest.is_empty() || rest.starts_with('/'))
+    {
+        return ApiError::InvalidName("lock name must not be empty".into());
+    }
+    ApiError::NotFound(path.to_owned())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// Health and readiness answers.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatusBody {
+    /// `ok`, `ready` or `not_ready`.
+    pub status: &'static str,
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "service",
+    responses((status = 200, description = "Process is up", body = StatusBody)))]
+async fn healthz() -> Json<StatusBody> {
+    Json(StatusBody { status: "ok" })
+}
+
+/// etcd answers a linearizable read, so locks can be granted.
+#[utoipa::path(get, path = "/readyz", tag = "service",
+    responses(
+        (status = 200, description = "etcd answers", body = StatusBody),
+        (status = 503, description = "etcd does not answer", body = StatusBody),
+    ))]
+async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<StatusBody>) {
+    if state.service.is_ready().await {
+        (StatusCode::OK, Json(StatusBody { status: "ready" }))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(StatusBody {
+                status: "not_ready",
+            }),
+        )
+    }
+}
+
+/// This OpenAPI 3 document, generated from the routes the server serves.
+#[utoipa::path(get, path = "/openapi.json", tag = "service",
+    responses((status = 200, description = "OpenAPI 3 document")))]
+async fn openapi_json(
+    axum::Extension(document): axum::Extension<Arc<utoipa::openapi::OpenApi>>,
+) -> Json<utoipa::openapi::OpenApi> {
+    Json((*document).clone())
+}

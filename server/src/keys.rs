@@ -1,0 +1,321 @@
+//! The etcd key schema: every key Leasehold writes, in one place.
+//!
+//! All keys live under a configurable prefix `P` (default `/leasehold`, no trailing slash):
+//!
+//! | key | value | attached to lease |
+//! |---|---|---|
+//! | `P/locks/{name}/q/{lease}` | JSON [`WaiterValue`] | `{lease}` |
+//! | `P/leases/{lease}/meta` | JSON [`LeaseMeta`] | `{lease}` |
+//! | `P/leases/{lease}/locks/{name}` | empty | `{lease}` |
+//!
+//! - `{name}` is the lock name percent-encoded by [`LockName::encoded`]: every byte outside
+//!   `[A-Za-z0-9._~-]` becomes `%XX`, so the encoded name never contains `/` and lock `a` can
+//!   never share a key prefix with lock `a/b` (`a/` vs `a%2Fb/`).
+//! - `{lease}` is the etcd lease id as 16 lowercase hex digits ([`LeaseId`]'s `Display`).
+//! - The waiter keys under `P/locks/{name}/q/` form the lock's FIFO queue, ordered by
+//!   `create_revision`; the first one holds the lock and its `create_revision` is the fencing
+//!   token. See `lock.rs` for the algorithm and `docs/design.md` for the argument.
+//!
+//! Every key is attached to its lease, so revoking or expiring a lease removes all of its keys
+//! at once: nothing Leasehold writes outlives the lease that owns it.
+
+use std::fmt;
+use std::str::FromStr;
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode, utf8_percent_encode};
+use serde::{Deserialize, Serialize};
+
+/// Bytes left readable in encoded lock names: RFC 3986 "unreserved" characters. Everything
+/// else, `/` and `%` included, is percent-encoded, which makes the encoding injective and free of
+/// `/`.
+const NAME_ESCAPES: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Longest lock name accepted, in bytes of UTF-8.
+pub const MAX_NAME_BYTES: usize = 256;
+
+/// A validated lock name: 1 to [`MAX_NAME_BYTES`] bytes of UTF-8 without control characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LockName(String);
+
+/// Why a string is not a valid [`LockName`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidName {
+    /// The name is the empty string.
+    #[error("lock name must not be empty")]
+    Empty,
+    /// The name is longer than [`MAX_NAME_BYTES`].
+    #[error("lock name is {0} bytes long; at most {MAX_NAME_BYTES} are allowed")]
+    TooLong(usize),
+    /// The name contains a control character (C0, DEL or C1).
+    #[error("lock name contains the control character U+{0:04X}")]
+    ControlCharacter(u32),
+}
+
+impl LockName {
+    /// Validates `name` as a lock name.
+    pub fn new(name: impl Into<String>) -> Result<Self, InvalidName> {
+        let name = name.into();
+        if name.is_empty() {
+            return Err(InvalidName::Empty);
+        }
+        if name.len() > MAX_NAME_BYTES {
+            return Err(InvalidName::TooLong(name.len()));
+        }
+        if let Some(c) = name.chars().find(|c| c.is_control()) {
+            return Err(InvalidName::ControlCharacter(c as u32));
+        }
+        Ok(Self(name))
+    }
+
+    /// The name as given.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The name as it appears inside etcd keys: percent-encoded, never containing `/`.
+    pub fn encoded(&self) -> String {
+        utf8_percent_encode(&self.0, NAME_ESCAPES).to_string()
+    }
+
+    /// Reverses [`LockName::encoded`]; `None` if `encoded` is not the encoding of a valid name.
+    pub fn from_encoded(encoded: &str) -> Option<Self> {
+        let decoded = percent_decode(encoded.as_bytes()).decode_utf8().ok()?;
+        let name = Self::new(decoded.into_owned()).ok()?;
+        // Only the canonical encoding maps back: keys we did not write are not lock names.
+        (name.encoded() == encoded).then_some(name)
+    }
+}
+
+impl fmt::Display for LockName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An etcd lease id. Shown (in keys and in the HTTP API) as 16 lowercase hex digits.
+///
+/// Valid ids are 1..=`i64::MAX`: etcd treats lease 0 as "no lease", so accepting it would write
+/// keys that never expire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseId(i64);
+
+impl LeaseId {
+    /// Wraps an id that etcd returned; `None` for ids etcd never hands out (0 or negative).
+    pub fn from_etcd(id: i64) -> Option<Self> {
+        (id > 0).then_some(Self(id))
+    }
+
+    /// The id as etcd's API takes it.
+    pub fn as_i64(self) -> i64 {
+        self.0
+    }
+}
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl FromStr for LeaseId {
+    type Err = ();
+
+    /// Parses 1 to 16 hex digits (either case) naming a positive id.
+    fn from_str(s: &str) -> Result<Self, ()> {
+        if s.is_empty() || s.len() > 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(());
+        }
+        let id = u64::from_str_radix(s, 16).map_err(|_| ())?;
+        i64::try_from(id).ok().and_then(Self::from_etcd).ok_or(())
+    }
+}
+
+/// The value stored in a waiter key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaiterValue {
+    /// Who asked for the lock, as given in the acquire request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Unique per acquire request, so that a request whose enqueue answer was lost can still
+    /// recognise (and remove) the key it wrote, and nothing else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+}
+
+/// The value stored in a lease's `meta` key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseMeta {
+    /// Who holds the lease, as given when it was granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// The TTL etcd granted, in milliseconds. Kept so that an acquire on this lease can answer
+    /// with the TTL in the same single round trip.
+    pub ttl_ms: u64,
+}
+
+/// Builds every etcd key Leasehold uses, under one prefix.
+#[derive(Debug, Clone)]
+pub struct KeySchema {
+    prefix: String,
+}
+
+impl KeySchema {
+    /// A schema rooted at `prefix`; a trailing `/` is ignored, so `/leasehold` and
+    /// `/leasehold/` are the same. Two deployments must not use nested prefixes.
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    /// `P/locks/`: the root of every lock queue (watched for deletions to wake waiters).
+    pub fn locks_root(&self) -> String {
+        format!("{}/locks/", self.prefix)
+    }
+
+    /// `P/locks/{name}/q/`: the lock's waiter queue.
+    pub fn queue_prefix(&self, name: &LockName) -> String {
+        format!("{}/locks/{}/q/", self.prefix, name.encoded())
+    }
+
+    /// `P/locks/{name}/q/{lease}`: the waiter key of `lease` in the lock's queue.
+    pub fn waiter_key(&self, name: &LockName, lease: LeaseId) -> String {
+        format!("{}{lease}", self.queue_prefix(name))
+    }
+
+    /// `P/leases/{lease}/meta`: owner and granted TTL of a lease granted through Leasehold.
+    pub fn lease_meta_key(&self, lease: LeaseId) -> String {
+        format!("{}/leases/{lease}/meta", self.prefix)
+    }
+
+    /// `P/leases/{lease}/locks/`: index of the locks a lease holds or waits for.
+    pub fn lease_locks_prefix(&self, lease: LeaseId) -> String {
+        format!("{}/leases/{lease}/locks/", self.prefix)
+    }
+
+    /// `P/leases/{lease}/locks/{name}`: one entry of that index.
+    pub fn lease_lock_key(&self, lease: LeaseId, name: &LockName) -> String {
+        format!("{}{}", self.lease_locks_prefix(lease), name.encoded())
+    }
+
+    /// The queue prefix a waiter key belongs to (everything up to its last `/`), used to route
+    /// a deletion seen by the shared watch to the waiters of that lock.
+    pub fn queue_of_waiter_key(key: &[u8]) -> Option<&[u8]> {
+        let slash = key.iter().rposition(|&b| b == b'/')?;
+        Some(&key[..=slash])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Strings that are valid lock names: any non-control chars, 1..=256 bytes.
+    fn valid_name() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            any::<char>().prop_filter("no control", |c| !c.is_control()),
+            1..80,
+        )
+        .prop_map(|chars| {
+            let mut s = String::new();
+            for c in chars {
+                if s.len() + c.len_utf8() > MAX_NAME_BYTES {
+                    break;
+                }
+                s.push(c);
+            }
+            s
+        })
+    }
+
+    proptest! {
+        /// Encoding then decoding gives the name back, and the encoding never contains `/`.
+        #[test]
+        fn encoding_round_trips(name in valid_name()) {
+            let name = LockName::new(name).unwrap();
+            let enc = name.encoded();
+            prop_assert!(!enc.contains('/'));
+            prop_assert_eq!(LockName::from_encoded(&enc), Some(name));
+        }
+
+        /// No lock's keys lie under another lock's queue prefix.
+        #[test]
+        fn queue_prefixes_are_prefix_free(a in valid_name(), b in valid_name()) {
+            prop_assume!(a != b);
+            let keys = KeySchema::new("/leasehold");
+            let (a, b) = (LockName::new(a).unwrap(), LockName::new(b).unwrap());
+            let lease = LeaseId::from_etcd(7).unwrap();
+            prop_assert!(!keys.waiter_key(&b, lease).starts_with(&keys.queue_prefix(&a)));
+            prop_assert!(!keys.queue_prefix(&b).starts_with(&keys.queue_prefix(&a)));
+            prop_assert!(!keys.lease_lock_key(lease, &b).starts_with(&keys.lease_lock_key(lease, &a)));
+        }
+
+        /// Lease ids survive Display/FromStr.
+        #[test]
+        fn lease_ids_round_trip(id in 1..=i64::MAX) {
+            let lease = LeaseId::from_etcd(id).unwrap();
+            prop_assert_eq!(lease.to_string().parse::<LeaseId>(), Ok(lease));
+        }
+    }
+
+    #[test]
+    fn slash_and_percent_names_are_distinct() {
+        let keys = KeySchema::new("/leasehold/");
+        let q = |n: &str| keys.queue_prefix(&LockName::new(n).unwrap());
+        assert_eq!(q("a"), "/leasehold/locks/a/q/");
+        assert_eq!(q("a/b"), "/leasehold/locks/a%2Fb/q/");
+        assert_eq!(q("a%2Fb"), "/leasehold/locks/a%252Fb/q/");
+        assert!(!q("a/b").starts_with(&q("a")));
+    }
+
+    #[test]
+    fn invalid_names_are_rejected() {
+        assert_eq!(LockName::new(""), Err(InvalidName::Empty));
+        assert_eq!(
+            LockName::new("x".repeat(257)),
+            Err(InvalidName::TooLong(257))
+        );
+        assert!(LockName::new("é".repeat(128)).is_ok()); // 256 bytes
+        assert_eq!(
+            LockName::new("a\nb"),
+            Err(InvalidName::ControlCharacter(10))
+        );
+        assert_eq!(
+            LockName::new("a\u{7f}"),
+            Err(InvalidName::ControlCharacter(0x7f))
+        );
+        assert_eq!(
+            LockName::new("a\u{85}"),
+            Err(InvalidName::ControlCharacter(0x85))
+        );
+    }
+
+    #[test]
+    fn lease_id_parsing_rejects_what_etcd_never_issues() {
+        assert!("0".parse::<LeaseId>().is_err());
+        assert!("".parse::<LeaseId>().is_err());
+        assert!("ffffffffffffffff".parse::<LeaseId>().is_err()); // negative as i64
+        assert!("+1".parse::<LeaseId>().is_err());
+        assert!("10000000000000000".parse::<LeaseId>().is_err());
+        assert_eq!(
+            "694d7a1f2b3c4d5e".parse::<LeaseId>().unwrap().to_string(),
+            "694d7a1f2b3c4d5e"
+        );
+        assert_eq!(
+            "A".parse::<LeaseId>().unwrap().to_string(),
+            "000000000000000a"
+        );
+    }
+
+    #[test]
+    fn non_canonical_encodings_are_not_names() {
+        assert!(LockName::from_encoded("a%2fb").is_none()); // lowercase hex is not ours
+        assert!(LockName::from_encoded("a/b").is_none());
+        assert!(LockName::from_encoded("%FF").is_none()); // not UTF-8
+    }
+}

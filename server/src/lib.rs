@@ -1,0 +1,139 @@
+//! Leasehold server: fencing-token locks and TTL leases over HTTP, with every piece of state in
+//! etcd. Any replica answers any request; a killed replica loses nothing.
+//!
+//! # Layout
+//! - `keys`: the etcd key schema and lock-name encoding (every key we write, in one place).
+//! - `lock`: the lock algorithm (FIFO queue of leased keys, fencing tokens, waits, release).
+//! - `lease`: TTL leases (grant, keep alive, inspect, revoke).
+//! - `wakeups`: the one shared etcd watch that wakes waiters.
+//! - `store`: the etcd connection, timeouts and error classification.
+//! - `service`: the shared context and outcome types of the operations above.
+//! - `http`: the HTTP API v1 (routes, extractors, the error-to-status mapping).
+//! - `cli`: the `leasehold-server` command line and process lifecycle.
+//!
+//! # Usage
+//! ```no_run
+//! # async fn example() -> std::io::Result<()> {
+//! let config = leasehold_server::Config::default(); // etcd at 127.0.0.1:2379
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:7070").await?;
+//! leasehold_server::run(listener, config, async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! })
+//! .await
+//! # }
+//! ```
+
+pub mod cli;
+pub mod http;
+mod keys;
+mod lease;
+mod lock;
+mod service;
+mod store;
+mod wakeups;
+
+use std::future::Future;
+use std::time::Duration;
+
+pub use http::{AppState, Limits, app, router_and_openapi};
+pub use keys::{InvalidName, KeySchema, LeaseId, LeaseMeta, LockName, MAX_NAME_BYTES, WaiterValue};
+pub use lease::{GrantedLease, LeaseInfo};
+pub use lock::{AcquireRequest, Grant, LeaseChoice, LockStatus, Renewal};
+pub use service::{Holder, Service, ServiceError};
+pub use store::{Store, StoreError};
+
+/// How long shutdown waits for background clean-ups (abandoned waits) to finish.
+const CLEANUP_GRACE: Duration = Duration::from_secs(5);
+
+/// Server configuration.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// etcd client URLs, e.g. `http://127.0.0.1:2379`.
+    pub etcd_endpoints: Vec<String>,
+    /// Root of every key we write in etcd.
+    pub prefix: String,
+    /// Longest lease TTL granted.
+    pub max_ttl: Duration,
+    /// Longest acquire wait accepted.
+    pub max_wait: Duration,
+    /// Bound on every etcd call; past it the answer is `503 store_unavailable`.
+    pub etcd_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: "/leasehold".into(),
+            max_ttl: Duration::from_secs(3600),
+            max_wait: Duration::from_secs(300),
+            etcd_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+impl Config {
+    /// The same configuration with these etcd endpoints.
+    pub fn with_etcd_endpoints(
+        mut self,
+        endpoints: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        self.etcd_endpoints = endpoints.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The same configuration with this key prefix.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The same configuration with this etcd call timeout.
+    pub fn with_etcd_timeout(mut self, timeout: Duration) -> Self {
+        self.etcd_timeout = timeout;
+        self
+    }
+
+    /// The same configuration with these TTL and wait maxima.
+    pub fn with_limits(mut self, max_ttl: Duration, max_wait: Duration) -> Self {
+        self.max_ttl = max_ttl;
+        self.max_wait = max_wait;
+        self
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then cancels every wait (each cleans
+/// up its waiter key), finishes in-flight requests and waits for background clean-ups.
+///
+/// Starts even when etcd is down: `/readyz` says so until etcd answers.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let store = Store::connect(&config.etcd_endpoints, config.etcd_timeout)
+        .await
+        .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err.to_string()))?;
+    let service = Service::new(store, &config.prefix);
+    service.start();
+    let state = AppState {
+        service: service.clone(),
+        limits: Limits {
+            max_ttl: config.max_ttl,
+            max_wait: config.max_wait,
+        },
+    };
+    let stopping = service.clone();
+    tracing::info!(addr = %listener.local_addr()?, etcd = ?config.etcd_endpoints, prefix = %config.prefix, "leasehold-server listening");
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: cancelling waits");
+            stopping.begin_shutdown();
+        })
+        .await?;
+    service.finish_shutdown(CLEANUP_GRACE).await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,6 @@
+//! The server binary, built inside this crate so that its tests can spawn it as a process
+//! (`CARGO_BIN_EXE_test-leasehold-server`). It is `leasehold-server`, nothing added.
+
+fn main() -> std::process::ExitCode {
+    leasehold_server::cli::main()
+}

@@ -1,0 +1,562 @@
+//! Test kit for Leasehold: real etcd processes and real servers, cleaned up on drop.
+//!
+//! # Layout
+//! - [`EtcdCluster`]: 1 or 3 etcd members on free loopback ports with temporary data dirs; kill,
+//!   restart, pause and resume a member.
+//! - [`TestServer`]: a `leasehold-server` in this process, on a free port.
+//! - [`ServerProcess`]: a `leasehold-server` as a child process, for `kill -9` and `SIGTERM`.
+//! - [`Api`]: a small JSON-over-HTTP helper for black-box assertions.
+//!
+//! Everything started here is killed when its handle drops, including when a test panics.
+//! etcd comes from `LEASEHOLD_ETCD_BIN`, else `etcd` on `PATH`.
+//!
+//! # Usage
+//! ```no_run
+//! # async fn example() -> anyhow::Result<()> {
+//! use leasehold_tests::{Api, EtcdCluster, TestServer};
+//! let etcd = EtcdCluster::start(1).await?;
+//! let server = TestServer::start(&etcd).await?;
+//! let (status, body) = Api::new(server.url()).post("/v1/locks/a/acquire", serde_json::json!({"ttl": "5s"})).await?;
+//! assert_eq!(status, 200);
+//! # Ok(()) }
+//! ```
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+
+/// The path of the test build of `leasehold-server` (a binary of this crate that runs
+/// `leasehold_server::cli::main`), or `LEASEHOLD_SERVER_BIN` if set. Only usable from this
+/// crate's integration tests, where Cargo sets `CARGO_BIN_EXE_*`.
+#[macro_export]
+macro_rules! server_bin {
+    () => {
+        std::env::var_os("LEASEHOLD_SERVER_BIN")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::PathBuf::from(env!("CARGO_BIN_EXE_test-leasehold-server"))
+            })
+    };
+}
+
+/// Installs a test log subscriber once (`RUST_LOG` filters; off by default).
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released; a collision is unlikely, not impossible).
+pub fn free_port() -> Result<u16> {
+    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn etcd_bin() -> PathBuf {
+    std::env::var_os("LEASEHOLD_ETCD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("etcd"))
+}
+
+/// Where etcd data dirs go: `/dev/shm` when it exists (fsync is free there, tests run twice as
+/// fast), else the system temp dir.
+fn scratch_root() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+fn signal(child: &Child, sig: Signal) -> Result<()> {
+    let pid = child.id().context("process already exited")?;
+    kill(Pid::from_raw(pid as i32), sig).with_context(|| format!("sending {sig} to {pid}"))
+}
+
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    data_dir: PathBuf,
+    log: PathBuf,
+    process: Option<Child>,
+}
+
+/// A real etcd cluster of 1 or more members on loopback.
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    initial_cluster: String,
+    token: String,
+    _dir: TempDir,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members and waits until the cluster answers linearizable reads.
+    pub async fn start(size: usize) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("leasehold-etcd-")
+            .tempdir_in(scratch_root())?;
+        let mut members = Vec::new();
+        for i in 0..size {
+            members.push(Member {
+                name: format!("m{i}"),
+                client_port: free_port()?,
+                peer_port: free_port()?,
+                data_dir: dir.path().join(format!("m{i}.etcd")),
+                log: dir.path().join(format!("m{i}.log")),
+                process: None,
+            });
+        }
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Self {
+            members,
+            initial_cluster,
+            token: format!("leasehold-test-{}", std::process::id()),
+            _dir: dir,
+        };
+        for i in 0..size {
+            cluster.spawn(i)?;
+        }
+        cluster.wait_ready(Duration::from_secs(30)).await?;
+        Ok(cluster)
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<()> {
+        let (initial_cluster, token) = (self.initial_cluster.clone(), self.token.clone());
+        let m = &mut self.members[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&m.log)?;
+        let client_url = format!("http://127.0.0.1:{}", m.client_port);
+        let peer_url = format!("http://127.0.0.1:{}", m.peer_port);
+        let child = Command::new(etcd_bin())
+            .args(["--name", &m.name])
+            .arg("--data-dir")
+            .arg(&m.data_dir)
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &initial_cluster])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", &token])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} (set LEASEHOLD_ETCD_BIN?)",
+                    etcd_bin().display()
+                )
+            })?;
+        m.process = Some(child);
+        Ok(())
+    }
+
+    /// Client URLs of all members, comma-free list.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect()
+    }
+
+    /// The client URL of member `i`.
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].client_port)
+    }
+
+    /// An etcd client on every member, for reading etcd directly in assertions.
+    pub async fn client(&self) -> Result<etcd_client::Client> {
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(3));
+        Ok(etcd_client::Client::connect(self.endpoints(), Some(options)).await?)
+    }
+
+    /// Waits until a linearizable read succeeds (the cluster has a leader and quorum).
+    pub async fn wait_ready(&self, within: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Ok(mut client) = self.client().await
+                && client.get("/", None).await.is_ok()
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "etcd did not become ready within {within:?}; logs in {}",
+                    self.members[0].log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The index of the current leader, asking each running member.
+    pub async fn leader(&self) -> Result<usize> {
+        for (i, m) in self.members.iter().enumerate() {
+            if m.process.is_none() {
+                continue;
+            }
+            let options = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(2));
+            let Ok(mut client) =
+                etcd_client::Client::connect([self.endpoint(i)], Some(options)).await
+            else {
+                continue;
+            };
+            if let Ok(status) = client.status().await {
+                let leader = status.leader();
+                for (j, _) in self.members.iter().enumerate() {
+                    let options =
+                        etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(2));
+                    if let Ok(mut c) =
+                        etcd_client::Client::connect([self.endpoint(j)], Some(options)).await
+                        && let Ok(s) = c.status().await
+                        && s.header().map(|h| h.member_id()) == Some(leader)
+                    {
+                        return Ok(j);
+                    }
+                }
+            }
+        }
+        bail!("no member knows a leader")
+    }
+
+    /// `kill -9` member `i`.
+    pub async fn kill(&mut self, i: usize) -> Result<()> {
+        if let Some(mut child) = self.members[i].process.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Restarts a killed member `i` on its old data dir and ports.
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        if self.members[i].process.is_some() {
+            bail!("member {i} is running");
+        }
+        self.spawn(i)
+    }
+
+    /// `SIGSTOP` member `i`: it keeps its sockets but answers nothing (a stalled node).
+    pub fn pause(&self, i: usize) -> Result<()> {
+        signal(
+            self.members[i]
+                .process
+                .as_ref()
+                .context("member not running")?,
+            Signal::SIGSTOP,
+        )
+    }
+
+    /// `SIGCONT` member `i`.
+    pub fn resume(&self, i: usize) -> Result<()> {
+        signal(
+            self.members[i]
+                .process
+                .as_ref()
+                .context("member not running")?,
+            Signal::SIGCONT,
+        )
+    }
+
+    /// The number of members.
+    pub fn size(&self) -> usize {
+        self.members.len()
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            if let Some(child) = m.process.as_mut() {
+                // SIGKILL works on stopped processes too; kill_on_drop reaps.
+                let _ = child.start_kill();
+            }
+        }
+    }
+}
+
+/// A `leasehold-server` running inside the test process.
+pub struct TestServer {
+    addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestServer {
+    /// Starts a server on a free port against `etcd`, with default limits.
+    pub async fn start(etcd: &EtcdCluster) -> Result<Self> {
+        Self::start_with(leasehold_server::Config::default().with_etcd_endpoints(etcd.endpoints()))
+            .await
+    }
+
+    /// Starts a server with this configuration.
+    pub async fn start_with(config: leasehold_server::Config) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(leasehold_server::run(listener, config, async move {
+            let _ = rx.await;
+        }));
+        Ok(Self {
+            addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Graceful shutdown, as on SIGTERM; returns when the server has stopped.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .context("server did not stop within 20 s")???;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A `leasehold-server` child process.
+pub struct ServerProcess {
+    addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl ServerProcess {
+    /// Spawns `bin` (see [`server_bin!`]) against `endpoints` with extra `args`, and waits until
+    /// it serves `/healthz`.
+    pub async fn spawn(bin: &Path, endpoints: &[String], args: &[&str]) -> Result<Self> {
+        let port = free_port()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let child = Command::new(bin)
+            .args(["--listen", &addr.to_string()])
+            .args(["--etcd-endpoints", &endpoints.join(",")])
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let server = Self {
+            addr,
+            child: Some(child),
+        };
+        let api = Api::new(server.url());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !matches!(api.get("/healthz").await, Ok((200, _))) {
+            if tokio::time::Instant::now() > deadline {
+                bail!("server process did not come up on {addr}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(server)
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `kill -9`: no clean-up runs.
+    pub async fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// `SIGTERM`, then waits for the exit status.
+    pub async fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("not running")?;
+        signal(&child, Signal::SIGTERM)?;
+        Ok(tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .context("server did not exit within 20 s of SIGTERM")??)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+/// JSON over HTTP against one server, returning `(status, body)` for assertions.
+#[derive(Clone)]
+pub struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    /// A helper for the server at `base` (`http://host:port`).
+    pub fn new(base: impl Into<String>) -> Self {
+        Self {
+            base: base.into(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("reqwest client"),
+        }
+    }
+
+    /// The underlying HTTP client (for raw requests).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// The server's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// `POST path` with a JSON body.
+    pub async fn post(&self, path: &str, body: Value) -> Result<(u16, Value)> {
+        Self::answer(
+            self.http
+                .post(format!("{}{path}", self.base))
+                .json(&body)
+                .send()
+                .await?,
+        )
+        .await
+    }
+
+    /// `POST path` with a raw body.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<(u16, Value)> {
+        let request = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body);
+        Self::answer(request.send().await?).await
+    }
+
+    /// `GET path`.
+    pub async fn get(&self, path: &str) -> Result<(u16, Value)> {
+        Self::answer(self.http.get(format!("{}{path}", self.base)).send().await?).await
+    }
+
+    /// `DELETE path`.
+    pub async fn delete(&self, path: &str) -> Result<(u16, Value)> {
+        Self::answer(
+            self.http
+                .delete(format!("{}{path}", self.base))
+                .send()
+                .await?,
+        )
+        .await
+    }
+
+    async fn answer(response: reqwest::Response) -> Result<(u16, Value)> {
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await?;
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).with_context(|| {
+                format!(
+                    "non-JSON body ({status}): {}",
+                    String::from_utf8_lossy(&bytes)
+                )
+            })?
+        };
+        Ok((status, body))
+    }
+
+    /// Acquires `name` with a fresh server-granted lease; returns the body on 200.
+    pub async fn acquire_ttl(&self, name: &str, ttl: &str, wait: &str) -> Result<(u16, Value)> {
+        self.post(
+            &format!("/v1/locks/{}/acquire", encode(name)),
+            serde_json::json!({"ttl": ttl, "wait": wait}),
+        )
+        .await
+    }
+
+    /// Grants a lease; returns its id.
+    pub async fn grant(&self, ttl: &str) -> Result<String> {
+        let (status, body) = self
+            .post("/v1/leases", serde_json::json!({"ttl": ttl}))
+            .await?;
+        if status != 201 {
+            bail!("lease grant answered {status}: {body}");
+        }
+        Ok(body["lease_id"].as_str().context("lease_id")?.to_owned())
+    }
+}
+
+/// Percent-encodes a lock name for a URL path segment.
+pub fn encode(name: &str) -> String {
+    percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// Keys under `prefix` in etcd right now.
+pub async fn keys_under(client: &mut etcd_client::Client, prefix: &str) -> Result<Vec<String>> {
+    let resp = client
+        .get(
+            prefix,
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await?;
+    Ok(resp
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect())
+}
+
+/// etcd's current revision (changes on every write).
+pub async fn revision(client: &mut etcd_client::Client) -> Result<i64> {
+    let resp = client
+        .get("/", Some(etcd_client::GetOptions::new().with_count_only()))
+        .await?;
+    Ok(resp.header().context("header")?.revision())
+}
