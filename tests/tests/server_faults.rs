@@ -1,0 +1,417 @@
+//! The server under faults: abandoned waits, waiters whose lease dies, etcd going away, killed
+//! replicas and etcd members. Every test reads etcd directly to check what was left behind.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use leasehold_tests::{Api, EtcdCluster, ServerProcess, TestServer, keys_under, server_bin};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+fn token(body: &Value) -> u64 {
+    body["token"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no token in {body}"))
+}
+
+/// Polls etcd until the queue of `lock` holds exactly `n` keys.
+async fn wait_for_queue(etcd: &EtcdCluster, lock: &str, n: usize) -> Result<Vec<String>> {
+    let mut client = etcd.client().await?;
+    let prefix = format!("/leasehold/locks/{lock}/q/");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let keys = keys_under(&mut client, &prefix).await?;
+        if keys.len() == n {
+            return Ok(keys);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "queue of {lock} is {keys:?}, wanted {n} keys"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A wait that times out answers 409 with the holder and leaves no waiter key, and the lease the
+/// server granted for it is revoked.
+#[tokio::test]
+async fn timed_out_wait_leaves_nothing() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = TestServer::start(&etcd).await?;
+    let api = Api::new(server.url());
+    let (_, held) = api.acquire_ttl("t", "30s", "0s").await?;
+
+    let started = Instant::now();
+    let (status, body) = api
+        .post(
+            "/v1/locks/t/acquire",
+            json!({"ttl": "30s", "wait": "500ms", "owner": "late"}),
+        )
+        .await?;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "lock_held");
+    assert_eq!(body["holder"]["token"], held["token"]);
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    let queue = wait_for_queue(&etcd, "t", 1).await?;
+    assert!(queue[0].ends_with(held["lease_id"].as_str().unwrap()));
+    // Only the holder's lease and its meta key remain.
+    let mut client = etcd.client().await?;
+    assert_eq!(
+        client.leases().await?.leases().len(),
+        1,
+        "the waiter's lease was revoked"
+    );
+
+    // A waiter on its own lease: only its key goes, its lease stays.
+    let lease = api.grant("30s").await?;
+    let (status, _) = api
+        .post(
+            "/v1/locks/t/acquire",
+            json!({"lease_id": lease, "wait": "300ms"}),
+        )
+        .await?;
+    assert_eq!(status, 409);
+    wait_for_queue(&etcd, "t", 1).await?;
+    let (status, _) = api.get(&format!("/v1/leases/{lease}")).await?;
+    assert_eq!(status, 200);
+    Ok(())
+}
+
+/// An HTTP client that disconnects mid-wait leaves no waiter key and never becomes a phantom
+/// holder: when the holder releases, the lock is free.
+#[tokio::test]
+async fn client_disconnect_mid_wait_leaves_nothing() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = TestServer::start(&etcd).await?;
+    let api = Api::new(server.url());
+    let (_, held) = api.acquire_ttl("d", "30s", "0s").await?;
+    let lease = api.grant("30s").await?;
+
+    for body in [
+        json!({"ttl": "30s", "wait": "20s"}),
+        json!({"lease_id": lease, "wait": "20s"}),
+    ] {
+        let impatient = reqwest::Client::builder()
+            .timeout(Duration::from_millis(400))
+            .build()?;
+        let gave_up = impatient
+            .post(format!("{}/v1/locks/d/acquire", server.url()))
+            .json(&body)
+            .send()
+            .await;
+        assert!(gave_up.is_err(), "the request should time out client-side");
+        wait_for_queue(&etcd, "d", 1).await?;
+    }
+    let (_, status) = api
+        .post("/v1/locks/d/release", json!({"token": token(&held)}))
+        .await?;
+    assert_eq!(status["released"], true);
+    let (_, status) = api.get("/v1/locks/d").await?;
+    assert_eq!(status["holder"], Value::Null, "no phantom holder");
+    wait_for_queue(&etcd, "d", 0).await?;
+    Ok(())
+}
+
+/// Graceful shutdown mid-wait answers the waiter 503 `shutting_down` and removes its key.
+#[tokio::test]
+async fn shutdown_mid_wait_leaves_nothing() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let holder_server = TestServer::start(&etcd).await?;
+    let (_, held) = Api::new(holder_server.url())
+        .acquire_ttl("s", "30s", "0s")
+        .await?;
+
+    // An in-process server shut down gracefully...
+    let server = TestServer::start(&etcd).await?;
+    let api = Api::new(server.url());
+    let waiter = tokio::spawn(async move { api.acquire_ttl("s", "30s", "30s").await });
+    wait_for_queue(&etcd, "s", 2).await?;
+    server.shutdown().await?;
+    let (status, body) = waiter.await??;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("shutting_down"))
+    );
+    wait_for_queue(&etcd, "s", 1).await?;
+
+    // ...and a server process sent SIGTERM.
+    let mut process = ServerProcess::spawn(&server_bin!(), &etcd.endpoints(), &[]).await?;
+    let api = Api::new(process.url());
+    let lease = api.grant("30s").await?;
+    let waiter = tokio::spawn({
+        let api = api.clone();
+        async move {
+            api.post(
+                "/v1/locks/s/acquire",
+                json!({"lease_id": lease, "wait": "30s"}),
+            )
+            .await
+        }
+    });
+    wait_for_queue(&etcd, "s", 2).await?;
+    let exit = process.terminate().await?;
+    assert!(exit.success(), "{exit}");
+    let (status, _) = waiter.await??;
+    assert_eq!(status, 503);
+    let queue = wait_for_queue(&etcd, "s", 1).await?;
+    assert!(queue[0].ends_with(held["lease_id"].as_str().unwrap()));
+    Ok(())
+}
+
+/// A server killed with `kill -9` mid-wait cleans nothing; the waiter key it leaves is bounded
+/// by its lease: it is gone within the TTL, and it never holds beyond that.
+#[tokio::test]
+async fn killed_server_leaves_a_key_bounded_by_its_lease() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let survivor = TestServer::start(&etcd).await?;
+    let api = Api::new(survivor.url());
+    let (_, held) = api.acquire_ttl("k", "30s", "0s").await?;
+
+    let mut doomed = ServerProcess::spawn(&server_bin!(), &etcd.endpoints(), &[]).await?;
+    let doomed_api = Api::new(doomed.url());
+    let waiter = tokio::spawn(async move { doomed_api.acquire_ttl("k", "2s", "30s").await });
+    wait_for_queue(&etcd, "k", 2).await?;
+    doomed.kill().await?;
+    assert!(waiter.await?.is_err(), "the killed server cannot answer");
+    // The orphan waiter is still queued right after the kill, then its lease expires.
+    let (_, status) = api.get("/v1/locks/k").await?;
+    assert_eq!(status["waiters"], 1);
+    let killed_at = Instant::now();
+    wait_for_queue(&etcd, "k", 1).await?;
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(5),
+        "bounded by the 2 s TTL"
+    );
+    api.post("/v1/locks/k/release", json!({"token": token(&held)}))
+        .await?;
+    let (_, status) = api.get("/v1/locks/k").await?;
+    assert_eq!(status["holder"], Value::Null);
+    Ok(())
+}
+
+/// A waiter whose lease is revoked stops waiting at once with `lease_not_found`, and is never
+/// granted, even when the holder releases at the same moment (etcd issue 11456).
+#[tokio::test]
+async fn waiter_with_revoked_lease_is_never_granted() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = TestServer::start(&etcd).await?;
+    let api = Api::new(server.url());
+    for round in 0..5 {
+        let (_, held) = api.acquire_ttl("r", "30s", "0s").await?;
+        let lease = api.grant("30s").await?;
+        let waiter = tokio::spawn({
+            let (api, lease) = (api.clone(), lease.clone());
+            async move {
+                api.post(
+                    "/v1/locks/r/acquire",
+                    json!({"lease_id": lease, "wait": "20s"}),
+                )
+                .await
+            }
+        });
+        wait_for_queue(&etcd, "r", 2).await?;
+        let started = Instant::now();
+        let lease_path = format!("/v1/leases/{lease}");
+        let revoke = api.delete(&lease_path);
+        let release = api.post("/v1/locks/r/release", json!({"token": token(&held)}));
+        let (revoked, released) = if round % 2 == 0 {
+            tokio::join!(revoke, release)
+        } else {
+            let released = release.await;
+            (revoke.await, released)
+        };
+        assert_eq!(revoked?.0, 204);
+        assert_eq!(released?.0, 200);
+        let (status, body) = waiter.await??;
+        // The release may reach etcd first; then the waiter was (legitimately) granted before
+        // its lease was revoked. Either way the lock is free now and nobody holds it.
+        assert!(
+            status == 404 || status == 200,
+            "round {round}: {status} {body}"
+        );
+        if status == 404 {
+            assert_eq!(body["error"]["code"], "lease_not_found");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "stopped waiting at once"
+        );
+        let (_, status) = api.get("/v1/locks/r").await?;
+        assert_eq!(status["holder"], Value::Null, "round {round}: {status}");
+    }
+    Ok(())
+}
+
+/// A waiter whose lease expires while it waits stops at the expiry, not when its predecessor
+/// goes, and is never granted (etcd issue 19597).
+#[tokio::test]
+async fn waiter_with_expired_lease_stops_at_once() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = TestServer::start(&etcd).await?;
+    let api = Api::new(server.url());
+    let (_, held) = api.acquire_ttl("e", "30s", "0s").await?;
+    let lease = api.grant("2s").await?; // nobody keeps it alive
+    let started = Instant::now();
+    let (status, body) = api
+        .post(
+            "/v1/locks/e/acquire",
+            json!({"lease_id": lease, "wait": "25s"}),
+        )
+        .await?;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("lease_not_found"))
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let (_, status) = api.get("/v1/locks/e").await?;
+    assert_eq!(status["holder"]["token"], held["token"]);
+    assert_eq!(status["waiters"], 0);
+    Ok(())
+}
+
+/// With etcd stopped, acquire, renew and release answer 503 `store_unavailable` within the
+/// request timeout and `/readyz` is 503; when etcd is back everything works without a restart.
+#[tokio::test]
+async fn etcd_down_means_503_then_recovery() -> Result<()> {
+    let mut etcd = EtcdCluster::start(1).await?;
+    let config = leasehold_server::Config::default()
+        .with_etcd_endpoints(etcd.endpoints())
+        .with_etcd_timeout(Duration::from_secs(2));
+    let server = TestServer::start_with(config).await?;
+    let api = Api::new(server.url());
+    let (_, held) = api.acquire_ttl("down", "30s", "0s").await?;
+    assert_eq!(api.get("/readyz").await?.0, 200);
+
+    etcd.kill(0).await?;
+    let t = token(&held);
+    let calls = [
+        ("/v1/locks/down/acquire", json!({"ttl": "5s", "wait": "1s"})),
+        ("/v1/locks/down/renew", json!({"token": t})),
+        ("/v1/locks/down/release", json!({"token": t})),
+        ("/v1/leases", json!({"ttl": "5s"})),
+    ];
+    for (path, body) in &calls {
+        let started = Instant::now();
+        let (status, answer) = api.post(path, body.clone()).await?;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (503, Some("store_unavailable")),
+            "{path}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{path} took {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(api.get("/readyz").await?.0, 503);
+    assert_eq!(api.get("/healthz").await?.0, 200);
+
+    etcd.restart(0)?;
+    etcd.wait_ready(Duration::from_secs(20)).await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api.get("/readyz").await?.0 != 200 {
+        anyhow::ensure!(Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The hold survived (etcd keeps leases across restarts) and can be released.
+    let (status, body) = api
+        .post("/v1/locks/down/release", json!({"token": t}))
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    // A waiter is woken by the re-established watch.
+    let (_, next) = api.acquire_ttl("down", "30s", "0s").await?;
+    let waiter = tokio::spawn({
+        let api = api.clone();
+        async move { api.acquire_ttl("down", "30s", "20s").await }
+    });
+    wait_for_queue(&etcd, "down", 2).await?;
+    let released_at = Instant::now();
+    api.post("/v1/locks/down/release", json!({"token": token(&next)}))
+        .await?;
+    let (status, _) = waiter.await??;
+    assert_eq!(status, 200);
+    assert!(
+        released_at.elapsed() < Duration::from_secs(2),
+        "woken by the watch, not the backstop"
+    );
+    Ok(())
+}
+
+/// On a 3-member cluster, killing the leader or pausing a member does not break exclusion or
+/// token order; while quorum is lost nothing is granted.
+#[tokio::test]
+async fn three_members_leader_kill_pause_and_quorum_loss() -> Result<()> {
+    let mut etcd = EtcdCluster::start(3).await?;
+    let config = leasehold_server::Config::default()
+        .with_etcd_endpoints(etcd.endpoints())
+        .with_etcd_timeout(Duration::from_secs(2));
+    let server = TestServer::start_with(config).await?;
+    let api = Api::new(server.url());
+    let mut last = 0;
+
+    // Acquire and release, retrying 503s (etcd electing a new leader) for a bounded time.
+    let cycle = |api: Api| async move {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, body) = api.acquire_ttl("q", "10s", "2s").await?;
+            if status == 200 {
+                let t = token(&body);
+                loop {
+                    let (s, b) = api.post("/v1/locks/q/release", json!({"token": t})).await?;
+                    if s == 200 {
+                        return anyhow::Ok(t);
+                    }
+                    anyhow::ensure!(s == 503 && Instant::now() < deadline, "release: {s} {b}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            anyhow::ensure!(
+                status == 503 && Instant::now() < deadline,
+                "acquire: {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    for _ in 0..5 {
+        let t = cycle(api.clone()).await?;
+        assert!(t > last);
+        last = t;
+    }
+    let leader = etcd.leader().await?;
+    etcd.kill(leader).await?;
+    for _ in 0..5 {
+        let t = cycle(api.clone()).await?;
+        assert!(t > last);
+        last = t;
+    }
+    etcd.restart(leader)?;
+    let paused = (leader + 1) % 3;
+    etcd.pause(paused)?;
+    for _ in 0..5 {
+        let t = cycle(api.clone()).await?;
+        assert!(t > last);
+        last = t;
+    }
+    etcd.resume(paused)?;
+
+    // Lose quorum: stop two of three. Nothing may be granted.
+    etcd.kill((paused + 1) % 3).await?;
+    etcd.kill(paused).await?;
+    for _ in 0..3 {
+        let (status, body) = api.acquire_ttl("q", "10s", "0s").await?;
+        assert_eq!(status, 503, "granted without quorum: {body}");
+    }
+    assert_eq!(api.get("/readyz").await?.0, 503);
+    etcd.restart(paused)?;
+    etcd.wait_ready(Duration::from_secs(30)).await?;
+    let t = cycle(api.clone()).await?;
+    assert!(t > last);
+    Ok(())
+}
