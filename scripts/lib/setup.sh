@@ -11,6 +11,11 @@ ensure_packages() {
   command -v etcd >/dev/null 2>&1 || [ -n "${LEASEHOLD_ETCD_BIN:-}" ] || missing+=(etcd-server)
   command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
   command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+  # Static validation of compose/ and of /metrics: docker-compose (config -q works without an
+  # engine), promtool, and PyYAML for the compose checks.
+  command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+  python3 -c 'import yaml' >/dev/null 2>&1 || missing+=(python3-yaml)
   for extra in "$@"; do
     case "$extra" in
       sqlite3) command -v sqlite3 >/dev/null 2>&1 || missing+=(sqlite3) ;;

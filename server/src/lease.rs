@@ -6,9 +6,10 @@
 
 use std::time::Duration;
 
-use etcd_client::{GetOptions, LeaseTimeToLiveOptions, PutOptions, Txn, TxnOp, TxnResponse};
+use etcd_client::{GetOptions, PutOptions, Txn, TxnOp, TxnResponse};
 
 use crate::keys::{LeaseId, LeaseMeta, LockName};
+use crate::metrics;
 use crate::service::{Service, ServiceError};
 
 /// A lease just granted.
@@ -71,11 +72,7 @@ impl Service {
         ttl: Duration,
         owner: Option<String>,
     ) -> Result<GrantedLease, ServiceError> {
-        let mut client = self.store.client();
-        let granted = self
-            .store
-            .call(client.lease_grant(ttl_to_etcd_seconds(ttl), None))
-            .await?;
+        let granted = self.store.lease_grant(ttl_to_etcd_seconds(ttl)).await?;
         let lease_id = LeaseId::from_etcd(granted.id())
             .ok_or_else(|| ServiceError::Unavailable("etcd granted an invalid lease id".into()))?;
         let ttl_ms = seconds_to_ms(granted.ttl());
@@ -84,19 +81,18 @@ impl Service {
             ttl_ms,
         };
         let value = serde_json::to_vec(&meta).expect("meta serializes");
-        let put = client.put(
-            self.keys.lease_meta_key(lease_id),
+        let meta_key = self.keys.lease_meta_key(lease_id);
+        let put = self.store.put(
+            &meta_key,
             value,
             Some(PutOptions::new().with_lease(lease_id.as_i64())),
         );
-        if let Err(err) = self.store.call(put).await {
+        if let Err(err) = put.await {
             // Don't leave a lease nobody was told about; it would expire anyway.
-            let _ = self
-                .store
-                .call(client.lease_revoke(lease_id.as_i64()))
-                .await;
+            let _ = self.store.lease_revoke(lease_id).await;
             return Err(err.into());
         }
+        metrics::lease_granted();
         Ok(GrantedLease {
             lease_id,
             ttl_ms,
@@ -106,30 +102,21 @@ impl Service {
 
     /// Refreshes a lease to its full TTL; returns that TTL in milliseconds.
     pub async fn keep_lease_alive(&self, lease: LeaseId) -> Result<u64, ServiceError> {
-        let mut client = self.store.client();
-        // etcd-client sends one keep-alive and fails with "lease not found" when the TTL is 0.
-        let (_keeper, _stream) = self
-            .store
-            .call(client.lease_keep_alive(lease.as_i64()))
-            .await?;
+        self.store.lease_keep_alive(lease).await?;
         self.granted_ttl_ms(lease).await
     }
 
     /// The TTL granted to `lease`, in milliseconds: from its meta key, or from etcd for a lease
     /// granted outside Leasehold.
     pub(crate) async fn granted_ttl_ms(&self, lease: LeaseId) -> Result<u64, ServiceError> {
-        let mut client = self.store.client();
         let meta = self
             .store
-            .call(client.get(self.keys.lease_meta_key(lease), None))
+            .get(&self.keys.lease_meta_key(lease), None)
             .await?;
         if let Some(meta) = parse_meta(meta.kvs().first().map(|kv| kv.value())) {
             return Ok(meta.ttl_ms);
         }
-        let ttl = self
-            .store
-            .call(client.lease_time_to_live(lease.as_i64(), None))
-            .await?;
+        let ttl = self.store.lease_time_to_live(lease, false).await?;
         if ttl.ttl() < 0 {
             return Err(ServiceError::LeaseNotFound);
         }
@@ -138,14 +125,7 @@ impl Service {
 
     /// Everything known about a lease, including the locks it holds now.
     pub async fn lease_info(&self, lease: LeaseId) -> Result<LeaseInfo, ServiceError> {
-        let mut client = self.store.client();
-        let ttl = self
-            .store
-            .call(client.lease_time_to_live(
-                lease.as_i64(),
-                Some(LeaseTimeToLiveOptions::new().with_keys()),
-            ))
-            .await?;
+        let ttl = self.store.lease_time_to_live(lease, true).await?;
         if ttl.ttl() < 0 {
             return Err(ServiceError::LeaseNotFound);
         }
@@ -170,7 +150,7 @@ impl Service {
         );
         let resp = self
             .store
-            .call(client.txn(Txn::new().and_then(reads)))
+            .txn(&self.keys.lease_meta_key(lease), Txn::new().and_then(reads))
             .await?;
         let gets = txn_gets(&resp);
         let meta = parse_meta(gets[0].kvs().first().map(|kv| kv.value()));
@@ -194,8 +174,8 @@ impl Service {
 
     /// Revokes a lease: every lock it held or waited for is freed at once.
     pub async fn revoke_lease(&self, lease: LeaseId) -> Result<(), ServiceError> {
-        let mut client = self.store.client();
-        self.store.call(client.lease_revoke(lease.as_i64())).await?;
+        self.store.lease_revoke(lease).await?;
+        metrics::lease_revoked();
         Ok(())
     }
 }

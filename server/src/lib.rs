@@ -6,7 +6,8 @@
 //! - `lock`: the lock algorithm (FIFO queue of leased keys, fencing tokens, waits, release).
 //! - `lease`: TTL leases (grant, keep alive, inspect, revoke).
 //! - `wakeups`: the one shared etcd watch that wakes waiters.
-//! - `store`: the etcd connection, timeouts and error classification.
+//! - `store`: the etcd connection: every call typed, bounded, classified, traced and timed.
+//! - `metrics`: every Prometheus metric, named once, and the `/metrics` renderer.
 //! - `service`: the shared context and outcome types of the operations above.
 //! - `http`: the HTTP API v1 (routes, extractors, the error-to-status mapping).
 //! - `cli`: the `leasehold-server` command line and process lifecycle.
@@ -28,6 +29,7 @@ pub mod http;
 mod keys;
 mod lease;
 mod lock;
+pub mod metrics;
 mod service;
 mod store;
 mod wakeups;

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 
 use crate::keys::{LeaseId, LockName, WaiterValue};
 use crate::lease::{head_options, parse_meta, txn_gets};
+use crate::metrics;
 use crate::service::{Holder, Service, ServiceError};
 use crate::store::StoreError;
 use crate::wakeups::Wakeup;
@@ -209,6 +210,8 @@ impl Service {
             return Err(ServiceError::LockHeld { holder });
         };
 
+        let _in_flight = metrics::wait_started();
+        let queued_at = Instant::now();
         // Our key was created earlier (a retried acquire): find our place in line.
         let mut turn = match enqueued.predecessor {
             Some(predecessor) => Ok(Turn::Behind(predecessor)),
@@ -218,6 +221,7 @@ impl Service {
             let recheck_in = match turn {
                 Ok(Turn::Granted) => {
                     abandon.disarm();
+                    metrics::waited_for_grant(queued_at.elapsed());
                     return Ok(grant);
                 }
                 Ok(Turn::Gone) => {
@@ -314,8 +318,7 @@ impl Service {
                 TxnOp::get(meta_key.as_str(), None),
                 TxnOp::get(waiter_key.as_str(), None),
             ]);
-        let mut client = self.store.client();
-        let resp = self.store.call(client.txn(txn)).await?;
+        let resp = self.store.txn(&waiter_key, txn).await?;
         let gets = txn_gets(&resp);
         let head = gets[0].kvs().first().cloned();
         let meta = parse_meta(gets[1].kvs().first().map(|kv| kv.value()));
@@ -375,8 +378,7 @@ impl Service {
                 my_rev,
             )])
             .and_then([TxnOp::get(self.keys.queue_prefix(name), Some(just_ahead))]);
-        let mut client = self.store.client();
-        let resp = self.store.call(client.txn(txn)).await?;
+        let resp = self.store.txn(waiter_key, txn).await?;
         if !resp.succeeded() {
             return Ok(Turn::Gone);
         }
@@ -389,12 +391,7 @@ impl Service {
     /// Our waiter key vanished while we waited: because the lease died (tell the caller), or
     /// because another request for the same lease cancelled the wait.
     async fn why_gone(&self, name: &LockName, lease: LeaseId) -> ServiceError {
-        let mut client = self.store.client();
-        match self
-            .store
-            .call(client.lease_time_to_live(lease.as_i64(), None))
-            .await
-        {
+        match self.store.lease_time_to_live(lease, false).await {
             Ok(ttl) if ttl.ttl() < 0 => ServiceError::LeaseNotFound,
             Ok(_) => ServiceError::LockHeld {
                 holder: self.current_holder(name).await.ok().flatten(),
@@ -411,8 +408,7 @@ impl Service {
         AbortOnDrop(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(period).await;
-                let mut client = store.client();
-                if let Err(err) = store.call(client.lease_keep_alive(lease.as_i64())).await {
+                if let Err(err) = store.lease_keep_alive(lease).await {
                     tracing::debug!(error = %err, %lease, "keep-alive of waiting lease failed");
                 }
             }
@@ -423,12 +419,7 @@ impl Service {
     pub async fn renew(&self, name: &LockName, token: u64) -> Result<Renewal, ServiceError> {
         let head = self.holder_key(name, token).await?;
         let lease_id = LeaseId::from_etcd(head.lease()).ok_or(ServiceError::NotHolder)?;
-        let mut client = self.store.client();
-        match self
-            .store
-            .call(client.lease_keep_alive(lease_id.as_i64()))
-            .await
-        {
+        match self.store.lease_keep_alive(lease_id).await {
             Err(StoreError::LeaseNotFound) => return Err(ServiceError::NotHolder),
             other => other?,
         };
@@ -441,7 +432,10 @@ impl Service {
                 token as i64,
             )])
             .and_then([TxnOp::get(self.keys.lease_meta_key(lease_id), None)]);
-        let resp = self.store.call(client.txn(txn)).await?;
+        let resp = self
+            .store
+            .txn(&String::from_utf8_lossy(head.key()), txn)
+            .await?;
         if !resp.succeeded() {
             return Err(ServiceError::NotHolder);
         }
@@ -469,8 +463,10 @@ impl Service {
                 token as i64,
             )])
             .and_then([TxnOp::delete(head.key(), None)]);
-        let mut client = self.store.client();
-        let resp = self.store.call(client.txn(txn)).await?;
+        let resp = self
+            .store
+            .txn(&String::from_utf8_lossy(head.key()), txn)
+            .await?;
         if resp.succeeded() {
             Ok(())
         } else {
@@ -488,8 +484,7 @@ impl Service {
                 Some(GetOptions::new().with_prefix().with_count_only()),
             ),
         ]);
-        let mut client = self.store.client();
-        let resp = self.store.call(client.txn(txn)).await?;
+        let resp = self.store.txn(&queue, txn).await?;
         let gets = txn_gets(&resp);
         let holder = match gets[0].kvs().first() {
             Some(kv) => self.holder_of(kv).await,
@@ -509,10 +504,9 @@ impl Service {
         name: &LockName,
         token: u64,
     ) -> Result<etcd_client::KeyValue, ServiceError> {
-        let mut client = self.store.client();
         let head = self
             .store
-            .call(client.get(self.keys.queue_prefix(name), Some(head_options())))
+            .get(&self.keys.queue_prefix(name), Some(head_options()))
             .await?;
         match head.kvs().first() {
             Some(kv) if i64::try_from(token) == Ok(kv.create_revision()) => Ok(kv.clone()),
@@ -532,10 +526,9 @@ impl Service {
         let owner = match stored.owner {
             Some(owner) => Some(owner),
             None => {
-                let mut client = self.store.client();
                 let meta = self
                     .store
-                    .call(client.get(self.keys.lease_meta_key(lease_id), None))
+                    .get(&self.keys.lease_meta_key(lease_id), None)
                     .await
                     .ok()?;
                 parse_meta(meta.kvs().first().map(|kv| kv.value())).and_then(|m| m.owner)
@@ -591,12 +584,8 @@ impl Abandon {
         let value = self.value.clone();
         let (my_rev, own_lease) = (self.my_rev, self.own_lease);
         async move {
-            let mut client = store.client();
             let result = if let Some(lease) = own_lease {
-                store
-                    .call(client.lease_revoke(lease.as_i64()))
-                    .await
-                    .map(drop)
+                store.lease_revoke(lease).await
             } else {
                 let still_ours = match my_rev {
                     Some(rev) => Compare::create_revision(key.as_str(), CompareOp::Equal, rev),
@@ -605,7 +594,7 @@ impl Abandon {
                 let txn = Txn::new()
                     .when([still_ours])
                     .and_then([TxnOp::delete(key.as_str(), None)]);
-                store.call(client.txn(txn)).await.map(drop)
+                store.txn(&key, txn).await.map(drop)
             };
             match result {
                 Ok(()) | Err(StoreError::LeaseNotFound) => {}

@@ -105,10 +105,8 @@ impl Service {
     /// True when etcd answers a linearizable read (so it has a leader and quorum).
     pub async fn is_ready(&self) -> bool {
         let options = etcd_client::GetOptions::new().with_count_only();
-        let mut client = self.store.client();
-        let probe = self.keys.locks_root();
         self.store
-            .call(client.get(probe, Some(options)))
+            .get(&self.keys.locks_root(), Some(options))
             .await
             .is_ok()
     }

@@ -7,7 +7,15 @@
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{
+    Client, ConnectOptions, GetOptions, GetResponse, LeaseGrantResponse, LeaseTimeToLiveOptions,
+    LeaseTimeToLiveResponse, PutOptions, Txn, TxnResponse,
+};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::keys::LeaseId;
+use crate::metrics;
 
 /// Why etcd did not do what we asked.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -68,27 +76,106 @@ impl Store {
         })
     }
 
-    /// A client to issue calls with (cheap to clone).
+    /// A raw client, for the long-lived watch (cheap to clone). One-shot calls go through the
+    /// typed methods below, which bound, classify, trace and time them.
     pub fn client(&self) -> Client {
         self.client.clone()
     }
 
-    /// The bound on every single etcd call.
-    pub fn request_timeout(&self) -> Duration {
-        self.request_timeout
-    }
-
-    /// Runs one etcd call, bounded by the request timeout, with its error classified.
-    pub async fn call<T, F>(&self, call: F) -> Result<T, StoreError>
+    /// Runs one etcd call, bounded by the request timeout, with its error classified, inside an
+    /// `etcd` span, and timed into `leasehold_etcd_request_duration_seconds{op}`.
+    async fn call<T, F>(&self, op: &'static str, target: &str, call: F) -> Result<T, StoreError>
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
-        match tokio::time::timeout(self.request_timeout, call).await {
+        let span = tracing::debug_span!("etcd", op, target);
+        let started = Instant::now();
+        let result = match tokio::time::timeout(self.request_timeout, call.instrument(span)).await {
             Ok(result) => result.map_err(StoreError::from),
             Err(_) => Err(StoreError::Unavailable(format!(
                 "no answer within {}",
                 humantime::format_duration(self.request_timeout)
             ))),
-        }
+        };
+        let answered = !matches!(result, Err(StoreError::Unavailable(_)));
+        metrics::etcd_call(op, started.elapsed(), answered);
+        result
+    }
+
+    /// A transaction; `target` names the key or prefix it is about, for traces.
+    pub async fn txn(&self, target: &str, txn: Txn) -> Result<TxnResponse, StoreError> {
+        let mut client = self.client();
+        self.call("txn", target, client.txn(txn)).await
+    }
+
+    /// A range read.
+    pub async fn get(
+        &self,
+        key: &str,
+        options: Option<GetOptions>,
+    ) -> Result<GetResponse, StoreError> {
+        let mut client = self.client();
+        self.call("get", key, client.get(key, options)).await
+    }
+
+    /// A write.
+    pub async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        options: Option<PutOptions>,
+    ) -> Result<(), StoreError> {
+        let mut client = self.client();
+        self.call("put", key, client.put(key, value, options))
+            .await
+            .map(drop)
+    }
+
+    /// Grants a lease of `ttl_secs` seconds (etcd may raise it to its minimum).
+    pub async fn lease_grant(&self, ttl_secs: i64) -> Result<LeaseGrantResponse, StoreError> {
+        let mut client = self.client();
+        self.call("lease_grant", "", client.lease_grant(ttl_secs, None))
+            .await
+    }
+
+    /// Revokes a lease and, with it, every key attached to it.
+    pub async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let mut client = self.client();
+        self.call(
+            "lease_revoke",
+            &lease.to_string(),
+            client.lease_revoke(lease.as_i64()),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Refreshes a lease once. etcd-client sends one keep-alive and waits for its answer; a TTL
+    /// of 0 (lease gone) comes back as `LeaseNotFound`.
+    pub async fn lease_keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let mut client = self.client();
+        self.call(
+            "lease_keepalive",
+            &lease.to_string(),
+            client.lease_keep_alive(lease.as_i64()),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// A lease's granted and remaining TTL (`ttl() < 0`: no such lease), with its keys if asked.
+    pub async fn lease_time_to_live(
+        &self,
+        lease: LeaseId,
+        with_keys: bool,
+    ) -> Result<LeaseTimeToLiveResponse, StoreError> {
+        let mut client = self.client();
+        let options = with_keys.then(|| LeaseTimeToLiveOptions::new().with_keys());
+        self.call(
+            "lease_ttl",
+            &lease.to_string(),
+            client.lease_time_to_live(lease.as_i64(), options),
+        )
+        .await
     }
 }

@@ -100,11 +100,22 @@ pub struct EtcdCluster {
 }
 
 impl EtcdCluster {
-    /// Starts `size` members and waits until the cluster answers linearizable reads.
+    /// Starts `size` members and waits until the cluster answers linearizable reads. Data dirs
+    /// go to `/dev/shm` where it exists (tests run twice as fast there).
     pub async fn start(size: usize) -> Result<Self> {
+        Self::start_in(size, &scratch_root()).await
+    }
+
+    /// Like [`EtcdCluster::start`], with data dirs on disk (the system temp dir), as users run
+    /// etcd: for benchmarks.
+    pub async fn start_on_disk(size: usize) -> Result<Self> {
+        Self::start_in(size, &std::env::temp_dir()).await
+    }
+
+    async fn start_in(size: usize, root: &Path) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("leasehold-etcd-")
-            .tempdir_in(scratch_root())?;
+            .tempdir_in(root)?;
         let mut members = Vec::new();
         for i in 0..size {
             members.push(Member {

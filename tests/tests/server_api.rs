@@ -328,6 +328,7 @@ async fn openapi_lists_every_route() -> Result<()> {
         "GET /healthz",
         "GET /readyz",
         "GET /openapi.json",
+        "GET /metrics",
     ]
     .into_iter()
     .map(String::from)

@@ -9,6 +9,12 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{Fields, JsonObject, LeaseIdPath};
+use crate::keys::LeaseId;
+
+/// Adds the lease id to the request's span.
+fn record_lease(lease: LeaseId) {
+    tracing::Span::current().record("lease_id", lease.to_string());
+}
 
 /// Body of `POST /v1/leases`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -75,6 +81,7 @@ pub async fn grant_lease(
         .ok_or_else(|| ApiError::InvalidTtl("`ttl` is required".into()))?;
     let owner = fields.owner()?;
     let lease = state.service.grant_lease(ttl, owner).await?;
+    record_lease(lease.lease_id);
     Ok((
         StatusCode::CREATED,
         Json(LeaseResponse {
@@ -97,6 +104,7 @@ pub async fn keep_lease_alive(
     State(state): State<AppState>,
     LeaseIdPath(lease): LeaseIdPath,
 ) -> Result<Json<KeepAliveResponse>, ApiError> {
+    record_lease(lease);
     let ttl_ms = state.service.keep_lease_alive(lease).await?;
     Ok(Json(KeepAliveResponse {
         lease_id: lease.to_string(),
@@ -116,6 +124,7 @@ pub async fn show_lease(
     State(state): State<AppState>,
     LeaseIdPath(lease): LeaseIdPath,
 ) -> Result<Json<LeaseInfoResponse>, ApiError> {
+    record_lease(lease);
     let info = state.service.lease_info(lease).await?;
     Ok(Json(LeaseInfoResponse {
         lease_id: info.lease_id.to_string(),
@@ -138,6 +147,7 @@ pub async fn revoke_lease(
     State(state): State<AppState>,
     LeaseIdPath(lease): LeaseIdPath,
 ) -> Result<StatusCode, ApiError> {
+    record_lease(lease);
     state.service.revoke_lease(lease).await?;
     Ok(StatusCode::NO_CONTENT)
 }

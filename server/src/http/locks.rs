@@ -8,8 +8,26 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{Fields, JsonObject, LockNamePath};
-use crate::keys::LeaseId;
+use crate::keys::{LeaseId, LockName};
 use crate::lock::{AcquireRequest, LeaseChoice};
+use crate::metrics::{self, AcquireResult};
+use crate::service::ServiceError;
+
+/// Adds the lock and token to the request's span (see `http::request_span`).
+fn record_lock(name: &LockName, token: u64) {
+    let span = tracing::Span::current();
+    span.record("lock", name.as_str());
+    span.record("token", token);
+}
+
+/// `success`, `not_holder` or `error`, for the renew and release counters.
+fn outcome_label<T>(outcome: &Result<T, ServiceError>, success: &'static str) -> &'static str {
+    match outcome {
+        Ok(_) => success,
+        Err(ServiceError::NotHolder) => "not_holder",
+        Err(_) => "error",
+    }
+}
 
 /// Body of `POST /v1/locks/{name}/acquire`: exactly one of `lease_id` or `ttl`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -131,7 +149,8 @@ pub async fn acquire_lock(
             ));
         }
     };
-    let grant = state
+    let started = std::time::Instant::now();
+    let outcome = state
         .service
         .acquire(AcquireRequest {
             name,
@@ -139,7 +158,18 @@ pub async fn acquire_lock(
             wait,
             owner,
         })
-        .await?;
+        .await;
+    metrics::acquire_finished(
+        match &outcome {
+            Ok(_) => AcquireResult::Granted,
+            Err(ServiceError::LockHeld { .. }) => AcquireResult::TimedOut,
+            Err(_) => AcquireResult::Error,
+        },
+        started.elapsed(),
+    );
+    let grant = outcome?;
+    record_lock(&grant.name, grant.token);
+    tracing::Span::current().record("lease_id", grant.lease_id.to_string());
     Ok(Json(AcquireResponse {
         name: grant.name.to_string(),
         token: grant.token,
@@ -165,7 +195,10 @@ pub async fn renew_lock(
     JsonObject(body): JsonObject,
 ) -> Result<Json<RenewResponse>, ApiError> {
     let token = Fields(&body).token()?;
-    let renewal = state.service.renew(&name, token).await?;
+    record_lock(&name, token);
+    let outcome = state.service.renew(&name, token).await;
+    metrics::renewal_finished(outcome_label(&outcome, "renewed"));
+    let renewal = outcome?;
     Ok(Json(RenewResponse {
         name: renewal.name.to_string(),
         token: renewal.token,
@@ -190,7 +223,10 @@ pub async fn release_lock(
     JsonObject(body): JsonObject,
 ) -> Result<Json<ReleaseResponse>, ApiError> {
     let token = Fields(&body).token()?;
-    state.service.release(&name, token).await?;
+    record_lock(&name, token);
+    let outcome = state.service.release(&name, token).await;
+    metrics::release_finished(outcome_label(&outcome, "released"));
+    outcome?;
     Ok(Json(ReleaseResponse { released: true }))
 }
 

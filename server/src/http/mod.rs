@@ -20,9 +20,12 @@ use utoipa::{OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::metrics;
 use crate::service::Service;
+use axum::extract::MatchedPath;
 use error::ApiError;
 pub use extract::{Limits, MAX_BODY_BYTES};
+use tracing::Instrument;
 
 /// What every handler gets.
 #[derive(Clone)]
@@ -60,6 +63,7 @@ pub fn router_and_openapi(state: AppState) -> (Router, utoipa::openapi::OpenApi)
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(openapi_json))
+        .routes(routes!(prometheus_metrics))
         .split_for_parts();
     let document = Arc::new(openapi.clone());
     let router = router
@@ -67,7 +71,7 @@ pub fn router_and_openapi(state: AppState) -> (Router, utoipa::openapi::OpenApi)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(reject_large_bodies))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(middleware::from_fn(observe))
         .layer(axum::Extension(document))
         .with_state(state);
     (router, openapi)
@@ -106,6 +110,49 @@ async fn not_found(request: Request) -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
+}
+
+/// One span per request (method, route template, status, latency; handlers add lock, lease and
+/// token), and the HTTP metrics.
+async fn observe(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |path| path.as_str())
+        .to_owned();
+    let span = tracing::info_span!(
+        "http_request",
+        http.method = %method,
+        http.route = %route,
+        http.status = tracing::field::Empty,
+        latency_ms = tracing::field::Empty,
+        lock = tracing::field::Empty,
+        lease_id = tracing::field::Empty,
+        token = tracing::field::Empty,
+    );
+    let started = std::time::Instant::now();
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    span.record("http.status", status);
+    span.record("latency_ms", elapsed.as_secs_f64() * 1000.0);
+    span.in_scope(|| tracing::debug!(status, "answered"));
+    metrics::http_request(method.as_str(), &route, status, elapsed);
+    response
+}
+
+/// Prometheus text exposition of the server's metrics.
+#[utoipa::path(get, path = "/metrics", tag = "service",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+async fn prometheus_metrics() -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics::render(),
+    )
 }
 
 /// Health and readiness answers.

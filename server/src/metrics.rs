@@ -1,0 +1,196 @@
+//! Every Prometheus metric the server exports, named once, and the `/metrics` renderer.
+//!
+//! Names and labels here are a contract with `compose/` (alert rules, the Grafana dashboard):
+//! change them together.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Latency buckets in seconds: from sub-millisecond handoffs to multi-minute waits.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0,
+];
+
+/// The process-wide recorder's handle, installed on first use. One per process: servers started
+/// in the same process (tests) share it.
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(BUCKETS)
+            .expect("static buckets are valid")
+            .build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics may be empty");
+        }
+        describe();
+        gauge!("leasehold_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        handle
+    })
+}
+
+/// HELP texts (and units) of every metric.
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "leasehold_acquires_total",
+        "Acquire requests by result: granted, timed_out (not granted within the wait) or error."
+    );
+    describe_counter!(
+        "leasehold_releases_total",
+        "Release requests by result: released, not_holder or error."
+    );
+    describe_counter!(
+        "leasehold_renewals_total",
+        "Renew requests by result: renewed, not_holder or error."
+    );
+    describe_counter!(
+        "leasehold_lease_grants_total",
+        "Leases granted (directly, or for an acquire with a ttl)."
+    );
+    describe_counter!(
+        "leasehold_lease_revocations_total",
+        "Leases revoked through the API."
+    );
+    describe_counter!(
+        "leasehold_holds_lost_total",
+        "Renewals that found their hold already gone (expired or taken over)."
+    );
+    describe_counter!(
+        "leasehold_stale_token_rejections_total",
+        "Renewals and releases refused because the token does not hold the lock."
+    );
+    describe_histogram!(
+        "leasehold_acquire_duration_seconds",
+        Unit::Seconds,
+        "Whole acquire requests, waiting included."
+    );
+    describe_histogram!(
+        "leasehold_acquire_wait_seconds",
+        Unit::Seconds,
+        "Time granted acquires spent queued behind other holders."
+    );
+    describe_histogram!(
+        "leasehold_etcd_request_duration_seconds",
+        Unit::Seconds,
+        "etcd calls by operation."
+    );
+    describe_histogram!(
+        "leasehold_http_request_duration_seconds",
+        Unit::Seconds,
+        "HTTP requests by method and route template."
+    );
+    describe_counter!(
+        "leasehold_http_requests_total",
+        "HTTP requests by method, route template and status."
+    );
+    describe_gauge!(
+        "leasehold_waits_in_flight",
+        "Acquires currently waiting in a lock's queue on this server."
+    );
+    describe_gauge!(
+        "leasehold_etcd_up",
+        "1 if the last etcd call got an answer, else 0."
+    );
+    describe_gauge!(
+        "leasehold_build_info",
+        "Always 1; the version label says which build runs."
+    );
+}
+
+/// The Prometheus text exposition of every metric.
+pub fn render() -> String {
+    let handle = handle();
+    handle.run_upkeep();
+    handle.render()
+}
+
+/// How an acquire request ended.
+#[derive(Debug, Clone, Copy)]
+pub enum AcquireResult {
+    /// The lock was granted.
+    Granted,
+    /// Not granted within the wait (including try-locks that found it held).
+    TimedOut,
+    /// Anything else (etcd unavailable, lease gone, shutdown).
+    Error,
+}
+
+/// Records an acquire's outcome and total duration.
+pub fn acquire_finished(result: AcquireResult, elapsed: Duration) {
+    let result = match result {
+        AcquireResult::Granted => "granted",
+        AcquireResult::TimedOut => "timed_out",
+        AcquireResult::Error => "error",
+    };
+    counter!("leasehold_acquires_total", "result" => result).increment(1);
+    histogram!("leasehold_acquire_duration_seconds").record(elapsed.as_secs_f64());
+}
+
+/// Records how long a granted acquire stood in line.
+pub fn waited_for_grant(waited: Duration) {
+    histogram!("leasehold_acquire_wait_seconds").record(waited.as_secs_f64());
+}
+
+/// Counts a wait in flight while the returned guard lives.
+pub fn wait_started() -> WaitInFlight {
+    gauge!("leasehold_waits_in_flight").increment(1.0);
+    WaitInFlight
+}
+
+/// Decrements `leasehold_waits_in_flight` when dropped.
+pub struct WaitInFlight;
+
+impl Drop for WaitInFlight {
+    fn drop(&mut self) {
+        gauge!("leasehold_waits_in_flight").decrement(1.0);
+    }
+}
+
+/// Records a release's outcome (`released`, `not_holder`, `error`).
+pub fn release_finished(result: &'static str) {
+    counter!("leasehold_releases_total", "result" => result).increment(1);
+    if result == "not_holder" {
+        counter!("leasehold_stale_token_rejections_total").increment(1);
+    }
+}
+
+/// Records a renewal's outcome (`renewed`, `not_holder`, `error`). A renewal that finds its hold
+/// gone is a lost hold observed.
+pub fn renewal_finished(result: &'static str) {
+    counter!("leasehold_renewals_total", "result" => result).increment(1);
+    if result == "not_holder" {
+        counter!("leasehold_stale_token_rejections_total").increment(1);
+        counter!("leasehold_holds_lost_total").increment(1);
+    }
+}
+
+/// Counts a lease granted.
+pub fn lease_granted() {
+    counter!("leasehold_lease_grants_total").increment(1);
+}
+
+/// Counts a lease revoked.
+pub fn lease_revoked() {
+    counter!("leasehold_lease_revocations_total").increment(1);
+}
+
+/// Records one etcd call: its latency by operation, and whether etcd answered.
+pub fn etcd_call(op: &'static str, elapsed: Duration, answered: bool) {
+    histogram!("leasehold_etcd_request_duration_seconds", "op" => op).record(elapsed.as_secs_f64());
+    gauge!("leasehold_etcd_up").set(if answered { 1.0 } else { 0.0 });
+}
+
+/// Records one HTTP request by method, route template and status.
+pub fn http_request(method: &str, route: &str, status: u16, elapsed: Duration) {
+    let (method, route) = (method.to_owned(), route.to_owned());
+    counter!("leasehold_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status.to_string())
+        .increment(1);
+    histogram!("leasehold_http_request_duration_seconds", "method" => method, "route" => route)
+        .record(elapsed.as_secs_f64());
+}
