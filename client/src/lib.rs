@@ -1,1 +1,50 @@
-//! placeholder
+//! Client for Leasehold, a distributed lock and lease service: acquire a lock, get a fencing
+//! token, keep the hold renewed in the background, and learn *before* anyone else can be granted
+//! the lock that the hold is gone.
+//!
+//! # Layout
+//! - `client`: [`Client`], its builder, the retry policy and endpoint fail-over.
+//! - `lock`: [`LockBuilder`] (acquire), [`LockGuard`] (renews, releases), [`LockStatus`].
+//! - `lease`: [`Lease`]: a TTL lease kept alive in the background, shareable by several locks.
+//! - `hold`: the client-side lease timer and renewal loop behind guards and leases.
+//! - `token`: [`FencingToken`].
+//! - `error`: [`Error`], mapped from the server's stable error codes.
+//! - `cli`: the `leasehold` command line (feature `cli`, on by default).
+//!
+//! # Usage
+//! ```no_run
+//! # async fn example() -> Result<(), leasehold::Error> {
+//! use std::time::Duration;
+//! let client = leasehold::Client::new("http://127.0.0.1:7070")?;
+//! let guard = client
+//!     .lock("reports/nightly")
+//!     .ttl(Duration::from_secs(10))
+//!     .wait(Duration::from_secs(30))
+//!     .acquire()
+//!     .await?;
+//! // Pass the token with every write; the resource rejects tokens older than one it saw.
+//! println!("holding {} with token {}", guard.name(), guard.token());
+//! tokio::select! {
+//!     _ = async { /* the work */ } => {}
+//!     reason = guard.lost() => eprintln!("lost the lock: {reason}; stopping"),
+//! }
+//! guard.release().await?;
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+#[cfg(feature = "cli")]
+pub mod cli;
+mod client;
+mod error;
+mod hold;
+mod lease;
+mod lock;
+mod token;
+
+pub use client::{Client, ClientBuilder, RetryPolicy};
+pub use error::Error;
+pub use hold::LostReason;
+pub use lease::{Lease, LeaseId, LeaseInfo};
+pub use lock::{DEFAULT_TTL, Holder, LockBuilder, LockGuard, LockStatus};
+pub use token::FencingToken;

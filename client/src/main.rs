@@ -1,0 +1,5 @@
+//! `leasehold`: see `leasehold --help`.
+
+fn main() -> std::process::ExitCode {
+    leasehold::cli::main()
+}

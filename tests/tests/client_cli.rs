@@ -1,0 +1,167 @@
+//! End-to-end tests of the `leasehold` command line, as child processes against a real server.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use leasehold_tests::{Api, EtcdCluster, TestServer};
+use tokio::process::Command;
+use tokio::time::Instant;
+
+fn cli(server: &TestServer) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_test-leasehold-cli"));
+    command
+        .env("LEASEHOLD_ENDPOINTS", server.url())
+        .kill_on_drop(true);
+    command
+}
+
+async fn run(server: &TestServer, args: &[&str]) -> Result<Output> {
+    Ok(cli(server).args(args).output().await?)
+}
+
+/// Two concurrent loops of `leasehold lock` doing a read-modify-write on one counter file never
+/// interleave: the final count equals the number of runs.
+#[tokio::test]
+async fn concurrent_lock_runs_never_interleave() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = TestServer::start(&etcd).await?;
+    let dir = tempfile::tempdir()?;
+    let counter = dir.path().join("counter");
+    std::fs::write(&counter, "0\n")?;
+    const RUNS: usize = 8;
+    let script = format!(
+        "n=$(cat {0}); sleep 0.05; echo $((n+1)) > {0}",
+        counter.display()
+    );
+    let worker = |server: &TestServer| {
+        let (mut commands, script) = (Vec::new(), script.clone());
+        for _ in 0..RUNS {
+            let mut command = cli(server);
+            command.args([
+                "lock", "counter", "--ttl", "5s", "--wait", "25s", "--", "sh", "-c", &script,
+            ]);
+            commands.push(command);
+        }
+        async move {
+            for mut command in commands {
+                let output = command.output().await?;
+                anyhow::ensure!(
+                    output.status.success(),
+                    "{output:?}: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            anyhow::Ok(())
+        }
+    };
+    let (a, b) = tokio::join!(worker(&server), worker(&server));
+    a?;
+    b?;
+    assert_eq!(
+        std::fs::read_to_string(&counter)?.trim(),
+        (2 * RUNS).to_string()
+    );
+    Ok(())
+}
+
+/// CMD's exit code is passed through, CMD sees its lock and token, and a lock not acquired
+/// within `--wait` exits with the documented code 75.
+#[tokio::test]
+async fn exit_codes_and_environment() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = TestServer::start(&etcd).await?;
+    let output = run(
+        &server,
+        &[
+            "lock",
+            "env/x",
+            "--",
+            "sh",
+            "-c",
+            "echo $LEASEHOLD_LOCK $LEASEHOLD_TOKEN; exit 7",
+        ],
+    )
+    .await?;
+    assert_eq!(output.status.code(), Some(7), "{output:?}");
+    let stdout = String::from_utf8(output.stdout)?;
+    let (lock, token) = stdout.trim().split_once(' ').context("two words")?;
+    assert_eq!(lock, "env/x");
+    token.parse::<u64>()?;
+    // Released afterwards.
+    let (_, status) = Api::new(server.url()).get("/v1/locks/env%2Fx").await?;
+    assert!(status["holder"].is_null(), "{status}");
+
+    let (status, _) = Api::new(server.url())
+        .acquire_ttl("busy", "10s", "0s")
+        .await?;
+    assert_eq!(status, 200);
+    let started = Instant::now();
+    let output = run(&server, &["lock", "busy", "--wait", "1s", "--", "true"]).await?;
+    assert_eq!(output.status.code(), Some(75), "{output:?}");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not acquired within 1s"));
+
+    let output = run(&server, &["--output", "json", "status", "busy"]).await?;
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(status["waiters"], 0);
+    assert!(status["holder"]["token"].is_u64(), "{status}");
+    Ok(())
+}
+
+/// Revoking the lease out of band while CMD runs gets CMD (and its children) terminated
+/// within the TTL, and `leasehold` exits with the documented code 76.
+#[tokio::test]
+async fn lost_hold_kills_the_command_promptly() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = TestServer::start(&etcd).await?;
+    let api = Api::new(server.url());
+    let dir = tempfile::tempdir()?;
+    let marker = dir.path().join("finished");
+    let script = format!("sleep 20; touch {}", marker.display());
+    let child = cli(&server)
+        .args([
+            "lock",
+            "victim",
+            "--ttl",
+            "2s",
+            "--kill-grace",
+            "1s",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let lease = wait_for_holder(&api, "victim").await?;
+    let (status, _) = api.delete(&format!("/v1/leases/{lease}")).await?;
+    assert_eq!(status, 204);
+    let revoked_at = Instant::now();
+    let output = tokio::time::timeout(Duration::from_secs(5), child.wait_with_output())
+        .await
+        .context("leasehold did not exit after losing the lock")??;
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        revoked_at.elapsed()
+    );
+    assert_eq!(output.status.code(), Some(76), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("lost lock \"victim\""), "{stderr}");
+    assert!(!Path::new(&marker).exists());
+    Ok(())
+}
+
+async fn wait_for_holder(api: &Api, name: &str) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, status) = api.get(&format!("/v1/locks/{name}")).await?;
+        if let Some(lease) = status["holder"]["lease_id"].as_str() {
+            return Ok(lease.to_owned());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "never held: {status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,132 @@
+//! Fail-over and retry safety of the `leasehold` client, with real server processes killed
+//! with `kill -9`.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use leasehold::{Client, RetryPolicy};
+use leasehold_tests::{Api, EtcdCluster, ServerProcess};
+use serde_json::json;
+
+const TTL: Duration = Duration::from_secs(2);
+
+async fn two_servers(etcd: &EtcdCluster) -> Result<(ServerProcess, ServerProcess)> {
+    let bin = leasehold_tests::server_bin!();
+    Ok((
+        ServerProcess::spawn(&bin, &etcd.endpoints(), &[]).await?,
+        ServerProcess::spawn(&bin, &etcd.endpoints(), &[]).await?,
+    ))
+}
+
+fn client(a: &ServerProcess, b: &ServerProcess) -> Result<Client> {
+    Ok(Client::builder()
+        .endpoint(a.url())
+        .endpoint(b.url())
+        .request_timeout(Duration::from_secs(1))
+        .retry_policy(RetryPolicy::default())
+        .build()?)
+}
+
+/// Killing the server a holder talks to mid-hold keeps the hold (renewals move to the other
+/// server), and new acquires succeed on the survivor.
+#[tokio::test]
+async fn hold_survives_the_death_of_its_server() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let (mut first, second) = two_servers(&etcd).await?;
+    let client = client(&first, &second)?;
+    let guard = client.lock("failover").ttl(TTL).acquire().await?;
+    first.kill().await?;
+
+    tokio::time::sleep(3 * TTL).await;
+    assert!(guard.is_held(), "the hold was lost when its server died");
+    let (_, status) = Api::new(second.url()).get("/v1/locks/failover").await?;
+    assert_eq!(status["holder"]["token"], json!(guard.token().get()));
+
+    let other = client.lock("failover/other").ttl(TTL).try_acquire().await?;
+    assert!(other.is_held());
+    other.release().await?;
+    guard.release().await?;
+    Ok(())
+}
+
+/// An acquire waiting in line whose server dies mid-wait is resent to the other server and
+/// resumes the same place in line: never two waiters, and it is granted with the token of the
+/// waiter key its first attempt created.
+#[tokio::test]
+async fn retried_acquire_does_not_queue_twice() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let (mut first, second) = two_servers(&etcd).await?;
+    let api = Api::new(second.url());
+    let (status, held) = api.acquire_ttl("queue", "10s", "0s").await?;
+    assert_eq!(status, 200, "{held}");
+    let client = client(&first, &second)?;
+
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .lock("queue")
+                .ttl(TTL)
+                .wait(Duration::from_secs(20))
+                .acquire()
+                .await
+        }
+    });
+    wait_for_waiters(&api, "queue", 1).await?;
+    let queued = waiter_token(&etcd, held["token"].as_u64().context("token")?).await?;
+
+    // The server holding the waiting request dies; the client resends to the survivor.
+    first.kill().await?;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (_, status) = api.get("/v1/locks/queue").await?;
+        assert_eq!(status["waiters"], 1, "{status}");
+    }
+    assert_eq!(
+        waiter_token(&etcd, held["token"].as_u64().context("token")?).await?,
+        queued
+    );
+    let (status, body) = api
+        .post("/v1/locks/queue/release", json!({"token": held["token"]}))
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    let guard = tokio::time::timeout(Duration::from_secs(5), waiting).await???;
+    assert_eq!(guard.token().get(), queued);
+    guard.release().await?;
+    Ok(())
+}
+
+async fn wait_for_waiters(api: &Api, name: &str, n: u64) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, status) = api.get(&format!("/v1/locks/{name}")).await?;
+        if status["waiters"] == n {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "never {n} waiters: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The token (create revision) of the one waiter key that is not the holder's.
+async fn waiter_token(etcd: &EtcdCluster, holder: u64) -> Result<u64> {
+    let mut etcd = etcd.client().await?;
+    let resp = etcd
+        .get(
+            "/leasehold/locks/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await?;
+    let waiters: Vec<u64> = resp
+        .kvs()
+        .iter()
+        .filter(|kv| String::from_utf8_lossy(kv.key()).contains("/q/"))
+        .map(|kv| kv.create_revision() as u64)
+        .filter(|rev| *rev != holder)
+        .collect();
+    anyhow::ensure!(waiters.len() == 1, "waiter keys: {waiters:?}");
+    Ok(waiters[0])
+}
