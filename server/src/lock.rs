@@ -158,7 +158,6 @@ impl Service {
             service: self.clone(),
             waiter_key: waiter_key.clone(),
             value: value.clone(),
-            my_rev: None,
             own_lease: granted_ttl_ms.map(|_| lease_id),
             armed: true,
         };
@@ -181,7 +180,6 @@ impl Service {
                 return Err(err.into());
             }
         };
-        abandon.my_rev = Some(enqueued.my_rev);
         let ttl_ms = match granted_ttl_ms.or(enqueued.ttl_ms) {
             Some(ttl_ms) => ttl_ms,
             None => self.granted_ttl_ms(lease_id).await?,
@@ -306,14 +304,22 @@ impl Service {
             .and_then([
                 TxnOp::put(
                     waiter_key.as_str(),
-                    value,
+                    value.clone(),
                     Some(PutOptions::new().with_lease(lease.as_i64())),
                 ),
                 TxnOp::get(queue.as_str(), Some(head_options())),
                 TxnOp::get(meta_key.as_str(), None),
                 TxnOp::get(queue.as_str(), Some(newest_two)),
             ])
+            // A retry resumes the key (same create_revision: same token, same place in line)
+            // and takes it over: rewriting the value with this request's nonce means the
+            // abandoned request's clean-up no longer recognises the key as its own.
             .or_else([
+                TxnOp::put(
+                    waiter_key.as_str(),
+                    value,
+                    Some(PutOptions::new().with_lease(lease.as_i64())),
+                ),
                 TxnOp::get(queue.as_str(), Some(head_options())),
                 TxnOp::get(meta_key.as_str(), None),
                 TxnOp::get(waiter_key.as_str(), None),
@@ -559,10 +565,10 @@ impl Drop for AbortOnDrop {
 struct Abandon {
     service: Service,
     waiter_key: String,
-    /// The value this request wrote (unique: it carries a nonce), to recognise our key when we
-    /// never learned its revision (the enqueue txn's answer was lost).
+    /// The value this request wrote (unique: it carries a nonce). Comparing it recognises our
+    /// key even when the enqueue txn's answer was lost, and stops recognising it once a retry of
+    /// the same acquire has resumed (and rewritten) it.
     value: Vec<u8>,
-    my_rev: Option<i64>,
     own_lease: Option<LeaseId>,
     armed: bool,
 }
@@ -582,17 +588,15 @@ impl Abandon {
         let store = self.service.store.clone();
         let key = self.waiter_key.clone();
         let value = self.value.clone();
-        let (my_rev, own_lease) = (self.my_rev, self.own_lease);
+        let own_lease = self.own_lease;
         async move {
             let result = if let Some(lease) = own_lease {
                 store.lease_revoke(lease).await
             } else {
-                let still_ours = match my_rev {
-                    Some(rev) => Compare::create_revision(key.as_str(), CompareOp::Equal, rev),
-                    None => Compare::value(key.as_str(), CompareOp::Equal, value),
-                };
+                // The value carries this request's nonce: it matches only while the key is the
+                // one this request wrote or resumed (not a later retry's, not a re-created key).
                 let txn = Txn::new()
-                    .when([still_ours])
+                    .when([Compare::value(key.as_str(), CompareOp::Equal, value)])
                     .and_then([TxnOp::delete(key.as_str(), None)]);
                 store.txn(&key, txn).await.map(drop)
             };

@@ -415,3 +415,60 @@ async fn three_members_leader_kill_pause_and_quorum_loss() -> Result<()> {
     assert!(t > last);
     Ok(())
 }
+
+/// A retried acquire that resumed the waiter key keeps it when the original request is
+/// abandoned: the original's clean-up no longer recognises the key, so the retry stays in line
+/// with the same token and is granted.
+#[tokio::test]
+async fn resumed_wait_survives_the_abandoned_original() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let (s1, s2) = (
+        TestServer::start(&etcd).await?,
+        TestServer::start(&etcd).await?,
+    );
+    let (a1, a2) = (Api::new(s1.url()), Api::new(s2.url()));
+    let (_, held) = a1.acquire_ttl("resume", "30s", "0s").await?;
+    let lease = a1.grant("30s").await?;
+
+    // The original request waits on server 1, through a client that will give up.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(1500))
+        .build()?;
+    let original = tokio::spawn({
+        let (url, lease) = (s1.url(), lease.clone());
+        async move {
+            impatient
+                .post(format!("{url}/v1/locks/resume/acquire"))
+                .json(&json!({"lease_id": lease, "wait": "20s"}))
+                .send()
+                .await
+        }
+    });
+    let queued = wait_for_queue(&etcd, "resume", 2).await?;
+    // The retry resumes the same key on server 2 while the original still waits.
+    let retry = tokio::spawn({
+        let (a2, lease) = (a2.clone(), lease.clone());
+        async move {
+            a2.post(
+                "/v1/locks/resume/acquire",
+                json!({"lease_id": lease, "wait": "20s"}),
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(original.await?.is_err(), "the original gave up");
+    tokio::time::sleep(Duration::from_millis(300)).await; // its clean-up has run by now
+    assert_eq!(
+        wait_for_queue(&etcd, "resume", 2).await?,
+        queued,
+        "the resumed key is still queued"
+    );
+
+    a1.post("/v1/locks/resume/release", json!({"token": token(&held)}))
+        .await?;
+    let (status, body) = retry.await??;
+    assert_eq!(status, 200, "{body}");
+    assert!(token(&body) > token(&held));
+    Ok(())
+}
