@@ -332,6 +332,19 @@ impl LockGuard {
         }
         result
     }
+
+    /// Stops renewing and forgets the lock *without* releasing it: the hold ends when its lease
+    /// expires (one TTL from the last renewal), unless someone renews it by hand with
+    /// [`Client::renew`] and the returned token. For handing a hold to another process, and for
+    /// simulating a holder that stalls (a GC pause): its token is still the one to fence with.
+    pub fn detach(mut self) -> (String, FencingToken) {
+        self.released = true;
+        self.keeper.end(LostReason::Released);
+        if let Some(lease) = self.owned_lease.take() {
+            let _ = lease.detach();
+        }
+        (std::mem::take(&mut self.name), self.token)
+    }
 }
 
 impl Drop for LockGuard {

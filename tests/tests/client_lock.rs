@@ -194,3 +194,39 @@ async fn shared_lease_holds_several_locks_and_drop_frees_them() -> Result<()> {
     assert!(again.token() > b.token());
     Ok(())
 }
+
+/// A detached guard neither renews nor releases: the lock stays held (and renewable by hand
+/// with its token) until its lease runs out, then a waiter gets it with a larger token.
+#[tokio::test]
+async fn detached_guard_holds_until_its_lease_expires() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = TestServer::start(&etcd).await?;
+    let (alice, bob) = (Client::new(server.url())?, Client::new(server.url())?);
+    let guard = alice.lock("detached").ttl(TTL).acquire().await?;
+    let (name, token) = guard.detach();
+    assert_eq!(name, "detached");
+    assert_eq!(
+        bob.status("detached").await?.holder.context("held")?.token,
+        token
+    );
+    alice.renew("detached", token).await?;
+
+    let renewed_at = Instant::now();
+    let next = bob
+        .lock("detached")
+        .ttl(TTL)
+        .wait(Duration::from_secs(10))
+        .acquire()
+        .await?;
+    let waited = renewed_at.elapsed();
+    assert!(
+        waited >= TTL - Duration::from_millis(500),
+        "freed after {waited:?}, before the TTL"
+    );
+    assert!(next.token() > token);
+    assert!(matches!(
+        alice.renew("detached", token).await,
+        Err(Error::NotHolder)
+    ));
+    Ok(())
+}
