@@ -43,7 +43,12 @@ async fn counters_follow_traffic() -> Result<()> {
     let etcd = EtcdCluster::start(1).await?;
     let server = TestServer::start(&etcd).await?;
     let api = Api::new(server.url());
-    let (_, before) = scrape(&api).await?;
+    // Traffic before the first scrape counts too (the recorder is installed at start-up).
+    let (_, early) = api.acquire_ttl("m0", "10s", "0s").await?;
+    api.post("/v1/locks/m0/release", json!({"token": early["token"]})).await?;
+    let (_, first) = scrape(&api).await?;
+    assert_eq!(first.get(r#"leasehold_acquires_total{result="granted"}"#), Some(&1.0));
+    let before = first;
 
     let (_, a) = api.acquire_ttl("m1", "10s", "0s").await?;
     let (_, b) = api.acquire_ttl("m2", "10s", "0s").await?;

@@ -52,6 +52,8 @@ struct ApiDoc;
 
 /// The router and the OpenAPI document generated from the same route list.
 pub fn router_and_openapi(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
+    // Install the recorder now: metrics recorded before it exists are lost.
+    metrics::handle();
     let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(leases::grant_lease))
         .routes(routes!(leases::keep_lease_alive))
