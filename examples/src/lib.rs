@@ -1,0 +1,219 @@
+//! The concert-seat demo: a sold-out concert, buyers racing for seats through Leasehold locks,
+//! every sale recorded in a fenced ledger, and an independent audit that no seat was sold twice,
+//! even when buyers stall past their lease and a server replica dies mid-run.
+//!
+//! # Layout
+//! - `ledger`: the fenced SQLite ledger and its audit (Kleppmann's token check, in one statement).
+//! - `servers`: starting and killing `leasehold-server` replicas for the run.
+//! - `buyers`: a buyer's shopping loop, and the chaos scenarios (stalled buyer and the buyer who
+//!   takes the seat over).
+//! - `report`: the summary table.
+//!
+//! # Usage
+//! ```no_run
+//! # async fn example() -> anyhow::Result<()> {
+//! let options = concert::Options::default(); // 500 seats, 1000 buyers, 2 replicas on etcd at :2379
+//! let report = concert::run(options).await?;
+//! println!("{report}");
+//! assert_eq!(report.audit.double_sold, 0);
+//! # Ok(()) }
+//! ```
+
+mod buyers;
+pub mod ledger;
+mod report;
+mod servers;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::time::Instant;
+
+pub use ledger::{Audit, Ledger, SaleOutcome};
+pub use report::Report;
+pub use servers::default_server_bin;
+
+/// Where the Leasehold servers come from.
+#[derive(Debug, Clone)]
+pub enum Servers {
+    /// Start this many `leasehold-server` replicas (`bin`) against etcd at `etcd_endpoints`; the
+    /// demo owns them, so `--chaos` can kill one.
+    Spawn {
+        /// How many replicas.
+        count: usize,
+        /// etcd client URLs.
+        etcd_endpoints: Vec<String>,
+        /// The `leasehold-server` binary.
+        bin: PathBuf,
+    },
+    /// Use servers that are already running (chaos then cannot kill one).
+    Existing(Vec<String>),
+}
+
+/// Everything a run depends on.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Options {
+    /// Seats in the venue.
+    pub seats: u32,
+    /// Front-row seats that most buyers want first (seats `0..hot_seats`).
+    pub hot_seats: u32,
+    /// Buyers, all shopping at once.
+    pub buyers: u32,
+    /// At most this many seats per buyer.
+    pub seats_per_buyer: u32,
+    /// The Leasehold servers.
+    pub servers: Servers,
+    /// Stall some buyers past their TTL and kill a server replica mid-run.
+    pub chaos: bool,
+    /// Seed for every random choice (same seed, same choices).
+    pub seed: u64,
+    /// The ledger database; a temporary file when `None`.
+    pub ledger: Option<PathBuf>,
+    /// Lease TTL of buyers' sessions (kept alive at a third of it).
+    pub ttl: Duration,
+    /// Lease TTL of the buyers who stall (chaos): the stall outlasts it.
+    pub stall_ttl: Duration,
+    /// How long a buyer waits in line for a seat before trying another.
+    pub wait: Duration,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            seats: 500,
+            hot_seats: 20,
+            buyers: 1000,
+            seats_per_buyer: 2,
+            servers: Servers::Spawn {
+                count: 2,
+                etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
+                bin: servers::default_server_bin(),
+            },
+            chaos: false,
+            seed: 2026,
+            ledger: None,
+            ttl: Duration::from_secs(10),
+            stall_ttl: Duration::from_secs(2),
+            wait: Duration::from_millis(250),
+            progress: false,
+        }
+    }
+}
+
+impl Options {
+    /// These options with `n` seats, `hot` of them hot.
+    pub fn with_seats(mut self, n: u32, hot: u32) -> Self {
+        self.seats = n;
+        self.hot_seats = hot.min(n);
+        self
+    }
+
+    /// These options with `n` buyers.
+    pub fn with_buyers(mut self, n: u32) -> Self {
+        self.buyers = n;
+        self
+    }
+
+    /// These options with these servers.
+    pub fn with_servers(mut self, servers: Servers) -> Self {
+        self.servers = servers;
+        self
+    }
+
+    /// These options with chaos on or off.
+    pub fn with_chaos(mut self, chaos: bool) -> Self {
+        self.chaos = chaos;
+        self
+    }
+
+    /// These options with this seed.
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// These options with these TTLs: buyers' sessions, and stalled buyers' locks.
+    pub fn with_ttls(mut self, ttl: Duration, stall_ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self.stall_ttl = stall_ttl;
+        self
+    }
+
+    /// These options with a progress bar (or not).
+    pub fn with_progress(mut self, progress: bool) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    /// These options with the ledger at `path`.
+    pub fn with_ledger(mut self, path: PathBuf) -> Self {
+        self.ledger = Some(path);
+        self
+    }
+}
+
+/// Runs the concert and audits the ledger.
+pub async fn run(options: Options) -> Result<Report> {
+    anyhow::ensure!(
+        options.seats > 0 && options.buyers > 0,
+        "need seats and buyers"
+    );
+    servers::raise_open_file_limit();
+    let scratch = tempfile::tempdir()?;
+    let ledger_path = options
+        .ledger
+        .clone()
+        .unwrap_or_else(|| scratch.path().join("ledger.db"));
+    Ledger::open(&ledger_path)
+        .and_then(|mut l| l.reset(options.seats))
+        .with_context(|| format!("creating the ledger at {}", ledger_path.display()))?;
+
+    let mut replicas = servers::Replicas::start(&options.servers).await?;
+    let shop = Arc::new(buyers::Shop::new(&options, &ledger_path, replicas.urls())?);
+    let started = Instant::now();
+    let mut events = Vec::new();
+
+    // Chaos (a): stalled buyers take their seats before the crowd arrives.
+    let stalls = if options.chaos {
+        buyers::start_stalls(&shop, &options).await?
+    } else {
+        Vec::new()
+    };
+
+    let crowd = buyers::release_the_crowd(&shop, &options);
+
+    // Chaos (b): kill a replica once a third of the buyers are done.
+    if options.chaos {
+        match replicas.killable() {
+            Some(victim) => {
+                shop.wait_until_finished(options.buyers / 3).await;
+                let in_flight = options.buyers - shop.finished();
+                let url = replicas.kill(victim).await?;
+                events.push(format!(
+                    "killed server replica {url} (kill -9) at {:.1}s with {in_flight} buyers still shopping; they failed over",
+                    started.elapsed().as_secs_f64()
+                ));
+            }
+            None => events.push(
+                "server kill skipped: the demo did not start the servers (--endpoints given) or only one runs"
+                    .into(),
+            ),
+        }
+    }
+
+    let outcomes = crowd.await??;
+    for stall in stalls {
+        events.push(stall.await??);
+    }
+    let elapsed = started.elapsed();
+    shop.finish_progress();
+    let audit = Ledger::open(&ledger_path)?.audit()?;
+    Ok(Report::new(
+        &options, &shop, &outcomes, audit, events, elapsed,
+    ))
+}
