@@ -47,7 +47,8 @@ pub struct Shop {
     wait: Duration,
     seed: u64,
     finished: AtomicU32,
-    finished_changed: Notify,
+    /// Notified when a buyer finishes or a seat sells.
+    progressed: Notify,
     /// Latency of every granted acquire (refusals are bounded by the buyer's wait).
     pub(crate) latencies: Mutex<Vec<Duration>>,
     /// Locks granted.
@@ -92,7 +93,7 @@ impl Shop {
             wait: options.wait,
             seed: options.seed,
             finished: AtomicU32::new(0),
-            finished_changed: Notify::new(),
+            progressed: Notify::new(),
             latencies: Mutex::new(Vec::new()),
             acquisitions: AtomicU64::new(0),
             refusals: AtomicU64::new(0),
@@ -185,6 +186,7 @@ impl Shop {
         if outcome == SaleOutcome::Accepted {
             let sold = self.sales.fetch_add(1, Ordering::Relaxed) + 1;
             self.progress.set_message(format!("{sold} seats sold"));
+            self.progressed.notify_waiters();
         }
         Ok(outcome)
     }
@@ -194,11 +196,16 @@ impl Shop {
         self.finished.load(Ordering::Relaxed)
     }
 
-    /// Waits until at least `n` buyers are done.
-    pub async fn wait_until_finished(&self, n: u32) {
+    /// Seats sold so far.
+    pub fn sold(&self) -> u64 {
+        self.sales.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `done(self)` holds, re-checking whenever a buyer finishes or a seat sells.
+    pub async fn wait_until(&self, done: impl Fn(&Self) -> bool) {
         loop {
-            let changed = self.finished_changed.notified();
-            if self.finished() >= n {
+            let changed = self.progressed.notified();
+            if done(self) {
                 return;
             }
             changed.await;
@@ -207,7 +214,7 @@ impl Shop {
 
     fn buyer_done(&self) {
         self.finished.fetch_add(1, Ordering::Relaxed);
-        self.finished_changed.notify_waiters();
+        self.progressed.notify_waiters();
         self.progress.inc(1);
     }
 

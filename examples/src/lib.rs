@@ -66,7 +66,8 @@ pub struct Options {
     pub seats_per_buyer: u32,
     /// The Leasehold servers.
     pub servers: Servers,
-    /// Stall some buyers past their TTL and kill a server replica mid-run.
+    /// Stall some buyers past their TTL, and kill a server replica once a third of the seats
+    /// are sold.
     pub chaos: bool,
     /// Seed for every random choice (same seed, same choices).
     pub seed: u64,
@@ -187,11 +188,13 @@ pub async fn run(options: Options) -> Result<Report> {
 
     let crowd = buyers::release_the_crowd(&shop, &options);
 
-    // Chaos (b): kill a replica once a third of the buyers are done.
+    // Chaos (b): kill a replica once a third of the seats are sold (or everyone is done).
     if options.chaos {
         match replicas.killable() {
             Some(victim) => {
-                shop.wait_until_finished(options.buyers / 3).await;
+                let (third, buyers) = (u64::from(options.seats / 3), options.buyers);
+                shop.wait_until(|shop| shop.sold() >= third || shop.finished() >= buyers)
+                    .await;
                 let in_flight = options.buyers - shop.finished();
                 let url = replicas.kill(victim).await?;
                 events.push(format!(

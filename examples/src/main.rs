@@ -113,7 +113,21 @@ fn main() -> ExitCode {
         if options.chaos { ", chaos on" } else { "" }
     );
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match runtime.block_on(concert::run(options)) {
+    // On Ctrl-C or SIGTERM the run is dropped, which kills the replicas it started.
+    let outcome = runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            outcome = concert::run(options) => Some(outcome),
+            _ = tokio::signal::ctrl_c() => None,
+            _ = term.recv() => None,
+        }
+    });
+    let Some(outcome) = outcome else {
+        eprintln!("concert: interrupted; stopped the replicas it started");
+        return ExitCode::from(130);
+    };
+    match outcome {
         Ok(report) => {
             println!("{report}");
             if report.is_clean() {

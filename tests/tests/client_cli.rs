@@ -165,3 +165,75 @@ async fn wait_for_holder(api: &Api, name: &str) -> Result<String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `lease grant|show|keepalive|revoke`, `status` and `release --token` against a live server,
+/// in JSON for scripts and in text for people.
+#[tokio::test]
+async fn lease_status_and_release_commands() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = TestServer::start(&etcd).await?;
+    let api = Api::new(server.url());
+    let json = |output: &Output| -> Result<serde_json::Value> {
+        anyhow::ensure!(output.status.success(), "{output:?}");
+        serde_json::from_slice(&output.stdout).context("JSON output")
+    };
+
+    let granted = json(
+        &run(
+            &server,
+            &["--output", "json", "lease", "grant", "--ttl", "30s"],
+        )
+        .await?,
+    )?;
+    let lease = granted["lease_id"].as_str().context("lease_id")?.to_owned();
+    let (status, _) = api.get(&format!("/v1/leases/{lease}")).await?;
+    assert_eq!(status, 200, "the CLI granted a real lease");
+
+    let (_, held) = api
+        .post(
+            "/v1/locks/cli%2Fjob/acquire",
+            serde_json::json!({"lease_id": lease}),
+        )
+        .await?;
+    let shown = json(&run(&server, &["--output", "json", "lease", "show", &lease]).await?)?;
+    assert_eq!(shown["locks"], serde_json::json!(["cli/job"]));
+    assert!(
+        run(&server, &["lease", "keepalive", &lease])
+            .await?
+            .status
+            .success()
+    );
+
+    let status = json(&run(&server, &["--output", "json", "status", "cli/job"]).await?)?;
+    assert_eq!(status["holder"]["token"], held["token"]);
+    let text = run(&server, &["status", "cli/job"]).await?;
+    assert!(String::from_utf8_lossy(&text.stdout).contains(&held["token"].to_string()));
+
+    let token = held["token"].to_string();
+    let wrong = run(&server, &["release", "cli/job", "--token", "1"]).await?;
+    assert!(!wrong.status.success(), "a wrong token must not release");
+    assert!(
+        run(&server, &["release", "cli/job", "--token", &token])
+            .await?
+            .status
+            .success()
+    );
+    let (_, lock) = api.get("/v1/locks/cli%2Fjob").await?;
+    assert_eq!(lock["holder"], serde_json::Value::Null);
+
+    assert!(
+        run(&server, &["lease", "revoke", &lease])
+            .await?
+            .status
+            .success()
+    );
+    let (status, _) = api.get(&format!("/v1/leases/{lease}")).await?;
+    assert_eq!(status, 404);
+    assert!(
+        !run(&server, &["lease", "show", &lease])
+            .await?
+            .status
+            .success()
+    );
+    Ok(())
+}

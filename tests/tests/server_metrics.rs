@@ -45,9 +45,13 @@ async fn counters_follow_traffic() -> Result<()> {
     let api = Api::new(server.url());
     // Traffic before the first scrape counts too (the recorder is installed at start-up).
     let (_, early) = api.acquire_ttl("m0", "10s", "0s").await?;
-    api.post("/v1/locks/m0/release", json!({"token": early["token"]})).await?;
+    api.post("/v1/locks/m0/release", json!({"token": early["token"]}))
+        .await?;
     let (_, first) = scrape(&api).await?;
-    assert_eq!(first.get(r#"leasehold_acquires_total{result="granted"}"#), Some(&1.0));
+    assert_eq!(
+        first.get(r#"leasehold_acquires_total{result="granted"}"#),
+        Some(&1.0)
+    );
     let before = first;
 
     let (_, a) = api.acquire_ttl("m1", "10s", "0s").await?;
