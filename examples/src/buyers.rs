@@ -248,6 +248,24 @@ pub fn release_the_crowd(
     })
 }
 
+/// Grants a buyer's session lease, trying again when a replica dies under the request (a grant
+/// is not idempotent, so the client does not resend it by itself; a lease granted by a lost
+/// attempt just expires, since nobody keeps it alive).
+async fn grant_session(client: &Client, ttl: Duration, name: &str) -> Result<Lease> {
+    let mut attempt = 0;
+    loop {
+        match client.grant_lease_for(ttl, Some(name.to_owned())).await {
+            Ok(lease) => return Ok(lease),
+            Err(err) if attempt < 5 => {
+                tracing::debug!(error = %err, "granting a session lease failed; trying again");
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
 /// One buyer: wants one or more seats, front row first; locks a seat, checks it is unsold,
 /// sells it with the token, releases; tries another seat when one is taken.
 async fn buyer(shop: &Arc<Shop>, id: u32) -> Result<BuyerOutcome> {
@@ -258,7 +276,7 @@ async fn buyer(shop: &Arc<Shop>, id: u32) -> Result<BuyerOutcome> {
     let name = format!("buyer-{id}");
     // One lease for the whole visit, as an application keeps one session: each seat lock is
     // held under it, and it is revoked when the buyer leaves.
-    let session = client.grant_lease_for(shop.ttl, Some(name.clone())).await?;
+    let session = grant_session(&client, shop.ttl, &name).await?;
     let mut outcome = BuyerOutcome::default();
     for _ in 0..ATTEMPTS {
         if outcome.seats_bought >= wants {
@@ -350,7 +368,7 @@ pub async fn start_stalls(
             let taker = shop.client_for(taker_id)?;
             let taker_name = format!("buyer-who-takes-over-{k}");
             let mut taker_token = None;
-            let session = taker.grant_lease_for(shop.ttl, Some(taker_name.clone())).await?;
+            let session = grant_session(&taker, shop.ttl, &taker_name).await?;
             let taken = shop
                 .acquire(&taker, Some(&session), seat, taker_name.clone(), 4 * ttl)
                 .await;
