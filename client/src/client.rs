@@ -243,6 +243,9 @@ impl Client {
             if let Some(body) = body {
                 request = request.json(&body);
             }
+            if let Some(traceparent) = crate::trace::traceparent() {
+                request = request.header("traceparent", traceparent);
+            }
             let outcome = async {
                 let response = request.send().await?;
                 let status = response.status().as_u16();

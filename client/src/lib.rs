@@ -9,6 +9,7 @@
 //! - `hold`: the client-side lease timer and renewal loop behind guards and leases.
 //! - `token`: [`FencingToken`].
 //! - `error`: [`Error`], mapped from the server's stable error codes.
+//! - `trace`: the W3C `traceparent` sent with each request (feature `otel`).
 //! - `cli`: the `leasehold` command line (feature `cli`, on by default).
 //!
 //! # Usage
@@ -41,6 +42,7 @@ mod hold;
 mod lease;
 mod lock;
 mod token;
+mod trace;
 
 pub use client::{Client, ClientBuilder, RetryPolicy};
 pub use error::Error;

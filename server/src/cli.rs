@@ -5,10 +5,9 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
-use tracing_subscriber::EnvFilter;
-
 use crate::Config;
+use crate::telemetry::Telemetry;
+use clap::{Parser, ValueEnum};
 
 /// Stateless HTTP lease and fencing-token lock server; every lease, lock and token lives in etcd.
 #[derive(Debug, Parser)]
@@ -41,7 +40,8 @@ pub struct Args {
     /// Bound on each etcd call; past it requests answer 503 store_unavailable.
     #[arg(long, env = "LEASEHOLD_ETCD_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub etcd_timeout: Duration,
-    /// Log format. Filter with RUST_LOG (default: info).
+    /// Log format. Filter with RUST_LOG (default: info). Traces are exported over OTLP when
+    /// OTEL_EXPORTER_OTLP_ENDPOINT is set (OTEL_SERVICE_NAME defaults to leasehold-server).
     #[arg(long, env = "LEASEHOLD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
@@ -69,7 +69,6 @@ impl Args {
 /// Entry point of the `leasehold-server` binary.
 pub fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(args.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -77,7 +76,14 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(args)) {
+    // The OTLP exporter must be created inside the runtime.
+    let telemetry = {
+        let _runtime = runtime.enter();
+        Telemetry::init(args.log_format)
+    };
+    let outcome = runtime.block_on(serve(args));
+    telemetry.shutdown();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = %err, "leasehold-server failed");
@@ -90,17 +96,6 @@ pub fn main() -> ExitCode {
 async fn serve(args: Args) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     crate::run(listener, args.config(), shutdown_signal()).await
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -11,6 +11,7 @@
 //! - `service`: the shared context and outcome types of the operations above.
 //! - `http`: the HTTP API v1 (routes, extractors, the error-to-status mapping).
 //! - `cli`: the `leasehold-server` command line and process lifecycle.
+//! - `telemetry`: logs, and OTLP trace export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 //!
 //! # Usage
 //! ```no_run
@@ -32,6 +33,7 @@ mod lock;
 pub mod metrics;
 mod service;
 mod store;
+mod telemetry;
 mod wakeups;
 
 use std::future::Future;

@@ -88,7 +88,14 @@ impl Store {
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let span = tracing::debug_span!("etcd", op, target);
+        let span = tracing::info_span!(
+            "etcd",
+            otel.name = %format!("etcd {op}"),
+            otel.kind = "client",
+            db.system = "etcd",
+            op,
+            target,
+        );
         let started = Instant::now();
         let result = match tokio::time::timeout(self.request_timeout, call.instrument(span)).await {
             Ok(result) => result.map_err(StoreError::from),

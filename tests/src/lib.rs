@@ -372,6 +372,16 @@ impl ServerProcess {
     /// Spawns `bin` (see [`server_bin!`]) against `endpoints` with extra `args`, and waits until
     /// it serves `/healthz`.
     pub async fn spawn(bin: &Path, endpoints: &[String], args: &[&str]) -> Result<Self> {
+        Self::spawn_with_env(bin, endpoints, args, &[]).await
+    }
+
+    /// [`ServerProcess::spawn`] with extra environment variables (e.g. `OTEL_*`).
+    pub async fn spawn_with_env(
+        bin: &Path,
+        endpoints: &[String],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let port = free_port()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let child = Command::new(bin)
@@ -382,6 +392,7 @@ impl ServerProcess {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()

@@ -26,6 +26,7 @@ use axum::extract::MatchedPath;
 use error::ApiError;
 pub use extract::{Limits, MAX_BODY_BYTES};
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// What every handler gets.
 #[derive(Clone)]
@@ -125,6 +126,8 @@ async fn observe(request: Request, next: Next) -> Response {
         .to_owned();
     let span = tracing::info_span!(
         "http_request",
+        otel.name = %format!("{method} {route}"),
+        otel.kind = "server",
         http.method = %method,
         http.route = %route,
         http.status = tracing::field::Empty,
@@ -133,6 +136,12 @@ async fn observe(request: Request, next: Next) -> Response {
         lease_id = tracing::field::Empty,
         token = tracing::field::Empty,
     );
+    // Continue the caller's trace when it sent a W3C `traceparent` (a no-op unless OTLP export
+    // is on: the default propagator extracts nothing).
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&HeaderExtractor(request.headers()))
+    });
+    let _ = span.set_parent(parent);
     let started = std::time::Instant::now();
     let response = next.run(request).instrument(span.clone()).await;
     let status = response.status().as_u16();
@@ -142,6 +151,19 @@ async fn observe(request: Request, next: Next) -> Response {
     span.in_scope(|| tracing::debug!(status, "answered"));
     metrics::http_request(method.as_str(), &route, status, elapsed);
     response
+}
+
+/// Reads propagation headers (`traceparent`, `tracestate`) from a request.
+struct HeaderExtractor<'a>(&'a axum::http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|key| key.as_str()).collect()
+    }
 }
 
 /// Prometheus text exposition of the server's metrics.
