@@ -11,6 +11,7 @@ ensure_packages() {
   command -v etcd >/dev/null 2>&1 || [ -n "${LEASEHOLD_ETCD_BIN:-}" ] || missing+=(etcd-server)
   command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
   command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+  command -v curl >/dev/null 2>&1 || missing+=(curl)
   # Static validation of compose/ and of /metrics: docker-compose (config -q works without an
   # engine), promtool, and PyYAML for the compose checks.
   command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
