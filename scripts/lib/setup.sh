@@ -30,3 +30,23 @@ ensure_packages() {
   # Debian's package may start a system etcd on 2379; we never use it (tests pick free ports).
   command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
 }
+
+# schemathesis (PyPI, pinned) for the OpenAPI fuzzing test, in a venv under target/ so it never
+# touches the system Python. Exports LEASEHOLD_SCHEMATHESIS for the test.
+SCHEMATHESIS_VERSION=4.32.5
+ensure_schemathesis() {
+  local venv=target/tools/schemathesis-$SCHEMATHESIS_VERSION
+  if [ ! -x "$venv/bin/schemathesis" ]; then
+    command -v python3 >/dev/null 2>&1 || { as_root apt-get update -qq; as_root apt-get install -y -qq python3 >/dev/null; }
+    if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+      rm -rf "$venv"
+      as_root apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq python3-venv >/dev/null
+      python3 -m venv "$venv"
+    fi
+    echo "==> installing schemathesis $SCHEMATHESIS_VERSION"
+    "$venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+  fi
+  export LEASEHOLD_SCHEMATHESIS="$PWD/$venv/bin/schemathesis"
+}
+

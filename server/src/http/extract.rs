@@ -152,10 +152,18 @@ impl Fields<'_> {
         Ok(wait)
     }
 
-    /// `token`: a fencing token, a non-negative JSON integer.
+    /// `token`: a fencing token, a non-negative JSON integer. `42.0` is an integer too (JSON
+    /// Schema says so, and some encoders write whole floats that way).
     pub fn token(&self) -> Result<u64, ApiError> {
+        let whole = |n: &serde_json::Number| {
+            n.as_u64().or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= u64::MAX as f64)
+                    .map(|f| f as u64)
+            })
+        };
         match self.get("token") {
-            Some(Value::Number(n)) if n.as_u64().is_some() => Ok(n.as_u64().unwrap_or_default()),
+            Some(Value::Number(n)) if whole(n).is_some() => Ok(whole(n).unwrap_or_default()),
             Some(other) => Err(ApiError::InvalidRequest(format!(
                 "`token` must be a non-negative integer, not {other}"
             ))),
@@ -240,6 +248,8 @@ mod tests {
     fn token_rules() {
         let ok = fields(json!({"token": 42}));
         assert_eq!(Fields(&ok).token().unwrap(), 42);
+        let whole_float = fields(json!({"token": 42.0}));
+        assert_eq!(Fields(&whole_float).token().unwrap(), 42);
         for bad in [
             json!({}),
             json!({"token": -1}),
