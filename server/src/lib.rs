@@ -43,7 +43,7 @@ pub use http::{AppState, Limits, app, router_and_openapi};
 pub use keys::{InvalidName, KeySchema, LeaseId, LeaseMeta, LockName, MAX_NAME_BYTES, WaiterValue};
 pub use lease::{GrantedLease, LeaseInfo};
 pub use lock::{AcquireRequest, Grant, LeaseChoice, LockStatus, Renewal};
-pub use service::{Holder, Service, ServiceError};
+pub use service::{Holder, Service, ServiceError, ServiceInner};
 pub use store::{Store, StoreError};
 
 /// How long shutdown waits for background clean-ups (abandoned waits) to finish.
@@ -129,6 +129,14 @@ pub async fn run(
         },
     };
     let stopping = service.clone();
+    // Histogram samples wait in the recorder until upkeep folds them in; without scrapes they
+    // would only accumulate.
+    let upkeep = tokio::spawn(async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            metrics::handle().run_upkeep();
+        }
+    });
     tracing::info!(addr = %listener.local_addr()?, etcd = ?config.etcd_endpoints, prefix = %config.prefix, "leasehold-server listening");
     axum::serve(listener, app(state))
         .with_graceful_shutdown(async move {
@@ -137,6 +145,7 @@ pub async fn run(
             stopping.begin_shutdown();
         })
         .await?;
+    upkeep.abort();
     service.finish_shutdown(CLEANUP_GRACE).await;
     tracing::info!("stopped");
     Ok(())

@@ -31,6 +31,8 @@ use crate::keys::{LeaseId, LockName, WaiterValue};
 use crate::lease::{head_options, parse_meta, txn_gets};
 use crate::metrics;
 use crate::service::{Holder, Service, ServiceError};
+#[cfg(test)]
+use crate::store::Store;
 use crate::store::StoreError;
 use crate::wakeups::Wakeup;
 
@@ -615,5 +617,33 @@ impl Drop for Abandon {
         if self.armed {
             self.service.tasks.spawn(self.clean_up());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A queued acquire is a parked task; its future's size is its memory. Keep it small (the
+    /// etcd calls inside are boxed by `Store::call`), so 1,000 waiters cost megabytes, not
+    /// hundreds of them.
+    #[tokio::test]
+    async fn an_acquire_future_is_small() {
+        let store = Store::connect(&["http://127.0.0.1:1".to_owned()], Duration::from_secs(1))
+            .await
+            .unwrap();
+        let service = Service::new(store, "/test");
+        let acquire = service.acquire(AcquireRequest {
+            name: LockName::new("a").unwrap(),
+            lease: LeaseChoice::New {
+                ttl: Duration::from_secs(10),
+            },
+            wait: Duration::from_secs(1),
+            owner: None,
+        });
+        let size = std::mem::size_of_val(&acquire);
+        assert!(size < 12 * 1024, "an acquire future takes {size} bytes");
+        // The handler state is cloned per request and kept by parked waiters: a handle.
+        assert_eq!(std::mem::size_of::<Service>(), std::mem::size_of::<usize>());
     }
 }

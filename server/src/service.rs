@@ -3,6 +3,7 @@
 //! Its operations live beside their subject: leases in `lease.rs`, the lock algorithm in
 //! `lock.rs`. The service keeps no lock state: everything it decides, it reads from etcd.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -55,9 +56,18 @@ impl From<StoreError> for ServiceError {
     }
 }
 
-/// Shared context of every operation. Cheap to clone.
+/// Shared context of every operation. A handle: cloning it is one reference count.
+///
+/// It matters: axum clones the handler's state for every request, and a parked waiter keeps
+/// those clones alive, so a by-value context (the etcd client alone is kilobytes) cost ~40 KiB
+/// per queued acquire.
 #[derive(Clone)]
 pub struct Service {
+    inner: Arc<ServiceInner>,
+}
+
+/// What a [`Service`] handle shares.
+pub struct ServiceInner {
     pub(crate) store: Store,
     pub(crate) keys: KeySchema,
     pub(crate) wakeups: Wakeups,
@@ -67,16 +77,26 @@ pub struct Service {
     pub(crate) shutdown: CancellationToken,
 }
 
+impl std::ops::Deref for Service {
+    type Target = ServiceInner;
+
+    fn deref(&self) -> &ServiceInner {
+        &self.inner
+    }
+}
+
 impl Service {
     /// A service over `store`, with keys under `prefix`. Call [`Service::start`] to run the
     /// shared watch that wakes waiters.
     pub fn new(store: Store, prefix: &str) -> Self {
         Self {
-            store,
-            keys: KeySchema::new(prefix),
-            wakeups: Wakeups::default(),
-            tasks: TaskTracker::new(),
-            shutdown: CancellationToken::new(),
+            inner: Arc::new(ServiceInner {
+                store,
+                keys: KeySchema::new(prefix),
+                wakeups: Wakeups::default(),
+                tasks: TaskTracker::new(),
+                shutdown: CancellationToken::new(),
+            }),
         }
     }
 
