@@ -40,6 +40,12 @@ pub struct Args {
     /// Bound on each etcd call; past it requests answer 503 store_unavailable.
     #[arg(long, env = "LEASEHOLD_ETCD_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub etcd_timeout: Duration,
+    /// Open connections at most; more are answered 503 too_many_connections.
+    #[arg(long, env = "LEASEHOLD_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Time a client has to send its request headers (humantime).
+    #[arg(long, env = "LEASEHOLD_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
     /// Log format. Filter with RUST_LOG (default: info). Traces are exported over OTLP when
     /// OTEL_EXPORTER_OTLP_ENDPOINT is set (OTEL_SERVICE_NAME defaults to leasehold-server).
     #[arg(long, env = "LEASEHOLD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -63,6 +69,7 @@ impl Args {
             .with_prefix(self.prefix.clone())
             .with_etcd_timeout(self.etcd_timeout)
             .with_limits(self.max_ttl, self.max_wait)
+            .with_connection_limits(self.max_connections, self.header_timeout)
     }
 }
 

@@ -49,6 +49,9 @@ pub use store::{Store, StoreError};
 /// How long shutdown waits for background clean-ups (abandoned waits) to finish.
 const CLEANUP_GRACE: Duration = Duration::from_secs(5);
 
+/// How long shutdown waits for open connections (cancelled waits answer at once).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Server configuration.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -63,6 +66,10 @@ pub struct Config {
     pub max_wait: Duration,
     /// Bound on every etcd call; past it the answer is `503 store_unavailable`.
     pub etcd_timeout: Duration,
+    /// Open connections at most; more are answered `503 too_many_connections`.
+    pub max_connections: usize,
+    /// Time a client has to send its request headers before it is disconnected.
+    pub header_read_timeout: Duration,
 }
 
 impl Default for Config {
@@ -73,6 +80,8 @@ impl Default for Config {
             max_ttl: Duration::from_secs(3600),
             max_wait: Duration::from_secs(300),
             etcd_timeout: Duration::from_secs(3),
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -96,6 +105,17 @@ impl Config {
     /// The same configuration with this etcd call timeout.
     pub fn with_etcd_timeout(mut self, timeout: Duration) -> Self {
         self.etcd_timeout = timeout;
+        self
+    }
+
+    /// The same configuration with these connection limits.
+    pub fn with_connection_limits(
+        mut self,
+        max_connections: usize,
+        header_read_timeout: Duration,
+    ) -> Self {
+        self.max_connections = max_connections;
+        self.header_read_timeout = header_read_timeout;
         self
     }
 
@@ -138,13 +158,22 @@ pub async fn run(
         }
     });
     tracing::info!(addr = %listener.local_addr()?, etcd = ?config.etcd_endpoints, prefix = %config.prefix, "leasehold-server listening");
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
+    let limits = http::serve::ConnectionLimits {
+        max_connections: config.max_connections.max(1),
+        header_read_timeout: config.header_read_timeout,
+    };
+    http::serve::serve(
+        listener,
+        app(state),
+        limits,
+        shutdown,
+        move || {
             tracing::info!("shutting down: cancelling waits");
             stopping.begin_shutdown();
-        })
-        .await?;
+        },
+        SHUTDOWN_GRACE,
+    )
+    .await;
     upkeep.abort();
     service.finish_shutdown(CLEANUP_GRACE).await;
     tracing::info!("stopped");

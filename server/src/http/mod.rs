@@ -6,6 +6,7 @@ pub mod error;
 pub mod extract;
 pub mod leases;
 pub mod locks;
+pub mod serve;
 
 use std::sync::Arc;
 
