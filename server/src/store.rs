@@ -86,6 +86,7 @@ impl Store {
     /// `etcd` span, and timed into `leasehold_etcd_request_duration_seconds{op}`.
     async fn call<T, F>(&self, op: &'static str, target: &str, call: F) -> Result<T, StoreError>
     where
+        T: AtRevision,
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
         let span = tracing::info_span!(
@@ -95,7 +96,9 @@ impl Store {
             db.system = "etcd",
             op,
             target,
+            revision = tracing::field::Empty,
         );
+        let record = span.clone();
         let started = Instant::now();
         // Boxed: etcd-client's futures are tens of KiB, and every future awaiting this one would
         // otherwise carry that inline. A queued acquire then costs ~165 KiB instead of a few KiB.
@@ -107,6 +110,9 @@ impl Store {
                 humantime::format_duration(self.request_timeout)
             ))),
         };
+        if let Some(revision) = result.as_ref().ok().and_then(AtRevision::revision) {
+            record.record("revision", revision);
+        }
         let answered = !matches!(result, Err(StoreError::Unavailable(_)));
         metrics::etcd_call(op, started.elapsed(), answered);
         result
@@ -189,3 +195,32 @@ impl Store {
         .await
     }
 }
+
+/// The etcd revision an answer was read or written at, for the call's span.
+trait AtRevision {
+    fn revision(&self) -> Option<i64> {
+        None
+    }
+}
+
+macro_rules! at_header_revision {
+    ($($response:ty),*) => {$(
+        impl AtRevision for $response {
+            fn revision(&self) -> Option<i64> {
+                self.header().map(|h| h.revision())
+            }
+        }
+    )*};
+}
+
+at_header_revision!(
+    TxnResponse,
+    GetResponse,
+    etcd_client::PutResponse,
+    LeaseGrantResponse,
+    etcd_client::LeaseRevokeResponse,
+    LeaseTimeToLiveResponse
+);
+
+/// A keep-alive answer carries no revision.
+impl AtRevision for (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream) {}

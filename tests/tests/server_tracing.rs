@@ -214,6 +214,20 @@ async fn spans_continue_the_callers_trace_into_etcd() -> Result<()> {
             .iter()
             .all(|s| s.attributes.contains_key("op"))
     );
+    assert!(
+        etcd_children.iter().any(|s| s
+            .attributes
+            .get("target")
+            .is_some_and(|t| t.contains("/locks/traced/q/"))),
+        "etcd spans name their key"
+    );
+    assert!(
+        etcd_children.iter().all(|s| s
+            .attributes
+            .get("revision")
+            .is_some_and(|r| r.parse::<i64>().is_ok_and(|r| r > 0))),
+        "etcd spans carry the revision: {etcd_children:#?}"
+    );
 
     let from_client = spans
         .iter()

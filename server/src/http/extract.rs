@@ -195,6 +195,34 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::json;
 
+    /// JSON objects whose known fields get values of every JSON type, plus unknown fields.
+    fn arbitrary_json_object() -> impl Strategy<Value = Map<String, Value>> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            ".{0,12}".prop_map(Value::String),
+            "[0-9]{1,4}(ms|s|m|h)".prop_map(Value::String),
+        ];
+        let value = leaf.prop_recursive(2, 8, 3, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                proptest::collection::btree_map(".{0,4}", inner, 0..3)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        });
+        let key = prop_oneof![
+            Just("lease_id".to_owned()),
+            Just("ttl".to_owned()),
+            Just("wait".to_owned()),
+            Just("owner".to_owned()),
+            Just("token".to_owned()),
+            ".{0,6}",
+        ];
+        proptest::collection::btree_map(key, value, 0..6).prop_map(|m| m.into_iter().collect())
+    }
+
     const LIMITS: Limits = Limits {
         max_ttl: Duration::from_secs(3600),
         max_wait: Duration::from_secs(300),
@@ -273,6 +301,29 @@ mod tests {
                 Ok(Some(ttl)) => prop_assert!(!ttl.is_zero() && ttl <= LIMITS.max_ttl),
                 Ok(None) => prop_assert!(false, "a string ttl is never absent"),
                 Err(err) => prop_assert!(matches!(err, ApiError::InvalidTtl(_))),
+            }
+        }
+
+        /// Any JSON object decodes into a valid acquire or into one of the acquire's stable
+        /// 400 codes: never a panic, never another error.
+        #[test]
+        fn acquire_decoding_is_total(body in arbitrary_json_object()) {
+            let fields = Fields(&body);
+            let decoded = fields
+                .string("lease_id", ApiError::InvalidRequest)
+                .and_then(|_| fields.ttl(&LIMITS))
+                .and_then(|_| fields.wait(&LIMITS))
+                .and_then(|_| fields.owner());
+            if let Err(err) = decoded {
+                prop_assert!(matches!(
+                    err,
+                    ApiError::InvalidRequest(_) | ApiError::InvalidTtl(_) | ApiError::InvalidWait(_)
+                ), "{err:?}");
+            }
+            // A token is either a non-negative integer or invalid_request.
+            match fields.token() {
+                Ok(_) | Err(ApiError::InvalidRequest(_)) => {}
+                Err(other) => prop_assert!(false, "{other:?}"),
             }
         }
 
