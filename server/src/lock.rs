@@ -34,7 +34,7 @@ use crate::service::{Holder, Service, ServiceError};
 #[cfg(test)]
 use crate::store::Store;
 use crate::store::StoreError;
-use crate::wakeups::Wakeup;
+use crate::wakeups::{Subscription, Wakeup};
 
 /// How often a waiter re-reads even without a wakeup: a backstop against a missed event, not
 /// the way handoffs normally happen (those take one watch event).
@@ -115,6 +115,16 @@ enum Turn {
     Behind(Vec<u8>),
     /// Our key is gone (lease expired or revoked, or the wait was cancelled elsewhere).
     Gone,
+}
+
+/// How a wait for a wakeup ended.
+enum Woken {
+    /// Something may have changed: re-read.
+    Recheck,
+    /// The acquire's wait ran out.
+    Deadline,
+    /// The server is shutting down.
+    Shutdown,
 }
 
 /// What the enqueue txn found.
@@ -229,29 +239,19 @@ impl Service {
                     return Err(self.why_gone(&name, lease_id).await);
                 }
                 Ok(Turn::Behind(ref predecessor)) => {
-                    let predecessor = predecessor.clone();
-                    // Wait for our predecessor or our own key to go, or for a resync.
-                    let woken = loop {
-                        tokio::select! {
-                            wakeup = wakeups.next() => match wakeup {
-                                Wakeup::Deleted(key)
-                                    if key != predecessor && key != waiter_key.as_bytes() => continue,
-                                _ => break Some(()),
-                            },
-                            _ = tokio::time::sleep(BACKSTOP_RECHECK) => break Some(()),
-                            _ = tokio::time::sleep_until(deadline) => break None,
-                            _ = self.shutdown.cancelled() => {
-                                abandon.now().await;
-                                return Err(ServiceError::ShuttingDown);
-                            }
+                    let watched = [predecessor.as_slice(), waiter_key.as_bytes()];
+                    match self.wait_for_wakeup(wakeups, watched, deadline).await {
+                        Woken::Recheck => None,
+                        Woken::Deadline => {
+                            abandon.now().await;
+                            let holder = self.current_holder(&name).await.ok().flatten();
+                            return Err(ServiceError::LockHeld { holder });
                         }
-                    };
-                    if woken.is_none() {
-                        abandon.now().await;
-                        let holder = self.current_holder(&name).await.ok().flatten();
-                        return Err(ServiceError::LockHeld { holder });
+                        Woken::Shutdown => {
+                            abandon.now().await;
+                            return Err(ServiceError::ShuttingDown);
+                        }
                     }
-                    None
                 }
                 Err(StoreError::LeaseNotFound) => {
                     abandon.now().await;
@@ -280,6 +280,35 @@ impl Service {
                 }
             }
             turn = self.check_turn(&name, &waiter_key, enqueued.my_rev).await;
+        }
+    }
+
+    /// Waits until one of the `watched` keys (our predecessor, our own key) is deleted, a resync
+    /// or the backstop asks for a re-read, the deadline passes, or shutdown begins.
+    ///
+    /// Every deletion in the lock's queue passes through here; the timers and the shutdown
+    /// future are set up once per wait, so a deletion meant for another waiter costs a
+    /// comparison, not a timer registration.
+    async fn wait_for_wakeup(
+        &self,
+        wakeups: &mut Subscription,
+        watched: [&[u8]; 2],
+        deadline: Instant,
+    ) -> Woken {
+        let backstop = tokio::time::sleep(BACKSTOP_RECHECK);
+        let expiry = tokio::time::sleep_until(deadline);
+        let shutdown = self.shutdown.cancelled();
+        tokio::pin!(backstop, expiry, shutdown);
+        loop {
+            tokio::select! {
+                wakeup = wakeups.next() => match wakeup {
+                    Wakeup::Deleted(key) if !watched.contains(&key.as_slice()) => continue,
+                    _ => return Woken::Recheck,
+                },
+                _ = &mut backstop => return Woken::Recheck,
+                _ = &mut expiry => return Woken::Deadline,
+                _ = &mut shutdown => return Woken::Shutdown,
+            }
         }
     }
 
