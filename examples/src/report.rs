@@ -23,7 +23,7 @@ pub struct Report {
     pub refusals: u64,
     /// Acquires that failed and were retried (a killed replica, an etcd hiccup).
     pub acquire_errors: u64,
-    /// Latency of granted acquires, median.
+    /// Acquire latency of granted acquires (refusals are bounded by the buyer's wait), median.
     pub acquire_p50: Duration,
     /// Latency of granted acquires, 99th percentile.
     pub acquire_p99: Duration,
@@ -99,7 +99,7 @@ impl fmt::Display for Report {
                 self.audit.stale_writes_rejected.to_string(),
             ),
             (
-                "grant latency p50 / p99",
+                "acquire latency p50 / p99",
                 format!("{} / {}", ms(self.acquire_p50), ms(self.acquire_p99)),
             ),
             (
@@ -111,7 +111,7 @@ impl fmt::Display for Report {
             ),
             ("run time", format!("{:.1} s", self.elapsed.as_secs_f64())),
             ("owner mismatches", self.audit.owner_mismatches.to_string()),
-            ("DOUBLE-SOLD SEATS", self.audit.double_sold.to_string()),
+            ("double-sold seats", self.audit.double_sold.to_string()),
         ];
         writeln!(f, "\n  Concert summary (audited from the ledger)")?;
         writeln!(f, "  {:-<46}", "")?;
@@ -125,10 +125,14 @@ impl fmt::Display for Report {
             }
         }
         let verdict = if self.is_clean() {
-            "every sold seat has exactly one owner: no seat was sold twice"
+            "every sold seat has exactly one owner"
         } else {
             "AUDIT FAILED: a seat was sold twice"
         };
-        writeln!(f, "\n  {verdict}")
+        writeln!(
+            f,
+            "\n  double-sold seats: {} ({verdict})",
+            self.audit.double_sold
+        )
     }
 }
