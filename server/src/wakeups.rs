@@ -138,6 +138,8 @@ impl Wakeups {
     pub async fn run(self, store: Store, keys: KeySchema, stop: CancellationToken) {
         let root = keys.locks_root();
         let mut backoff = Duration::from_millis(50);
+        // Warn when the watch breaks, not once per retry while etcd stays down.
+        let mut broken = false;
         loop {
             let session = async {
                 let options = WatchOptions::new()
@@ -156,6 +158,9 @@ impl Wakeups {
                 }
                 self.inner.generation.send_modify(|g| *g += 1);
                 tracing::debug!(prefix = %root, "lock watch established");
+                if std::mem::take(&mut broken) {
+                    tracing::info!("lock watch re-established; waiters re-read");
+                }
                 loop {
                     let Some(resp) = stream.message().await? else {
                         return Err(etcd_client::Error::WatchError("watch stream ended".into()));
@@ -182,7 +187,12 @@ impl Wakeups {
                 _ = stop.cancelled() => return,
                 result = session => {
                     if let Err(err) = result {
-                        tracing::warn!(error = %err, "lock watch broken; re-creating it");
+                        if broken {
+                            tracing::debug!(error = %err, "lock watch still broken; retrying");
+                        } else {
+                            tracing::warn!(error = %err, "lock watch broken; re-creating it");
+                        }
+                        broken = true;
                     }
                 }
             }
