@@ -164,7 +164,7 @@ async fn a_thousand_waiters_served_in_order() -> Result<()> {
         WAITERS as f64 / elapsed.as_secs_f64(),
         queued_rss / 1024
     );
-    // About 45 KiB per parked waiter in a release build (connection, request state, wait).
+    // About 35 KiB per parked waiter in a release build (connection, request state, wait).
     assert!(
         queued_rss < 256 * 1024,
         "{queued_rss} KiB for {WAITERS} waiters is not bounded"
