@@ -230,6 +230,12 @@ impl Service {
         loop {
             let recheck_in = match turn {
                 Ok(Turn::Granted) => {
+                    if granted_ttl_ms.is_some() {
+                        // Our keep-alives ran every TTL/3 while we waited, so the lease may have
+                        // only two thirds of its TTL left; the answer promises `ttl_ms` from now.
+                        // Best effort: if this fails, the caller's first renewal refreshes it.
+                        let _ = self.store.lease_keep_alive(lease_id).await;
+                    }
                     abandon.disarm();
                     metrics::waited_for_grant(queued_at.elapsed());
                     return Ok(grant);

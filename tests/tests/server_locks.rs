@@ -284,3 +284,34 @@ async fn wait_for_waiters(api: &Api, name: &str, n: usize) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A grant after a wait, under a lease the server granted for the request, comes with the
+/// lease's full TTL from the moment of the answer: the lease was refreshed before answering, so
+/// a client that renews within `ttl_ms` of the answer keeps the lock.
+#[tokio::test]
+async fn a_waited_grant_has_its_full_ttl() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = TestServer::start(&etcd).await?;
+    let api = Api::new(server.url());
+    let (_, first) = api.acquire_ttl("fresh", "30s", "0s").await?;
+    let waiter = tokio::spawn({
+        let api = api.clone();
+        async move { api.acquire_ttl("fresh", "9s", "20s").await }
+    });
+    wait_for_waiters(&api, "fresh", 1).await?;
+    // The server refreshes the waiting lease every 3 s (TTL/3); release between two refreshes.
+    tokio::time::sleep(Duration::from_millis(5_500)).await;
+    api.post("/v1/locks/fresh/release", json!({"token": token(&first)}))
+        .await?;
+    let (status, granted) = waiter.await??;
+    assert_eq!(status, 200);
+    let (_, lease) = api
+        .get(&format!(
+            "/v1/leases/{}",
+            granted["lease_id"].as_str().unwrap()
+        ))
+        .await?;
+    // etcd reports whole seconds, rounded down: 8 s right after a refresh, about 6 s without.
+    assert!(lease["remaining_ms"].as_u64().unwrap() >= 8000, "{lease}");
+    Ok(())
+}
