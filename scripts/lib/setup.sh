@@ -12,6 +12,8 @@ ensure_packages() {
   command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
   command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
   command -v curl >/dev/null 2>&1 || missing+=(curl)
+  # The scripts pick free ports with it; schemathesis runs on it.
+  command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-venv)
   # Static validation of compose/ and of /metrics: docker-compose (config -q works without an
   # engine), promtool, and PyYAML for the compose checks.
   command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
