@@ -228,7 +228,8 @@ impl Service {
             None => self.check_turn(&name, &waiter_key, enqueued.my_rev).await,
         };
         loop {
-            let recheck_in = match turn {
+            // Some(error) when etcd failed the re-read: pause, then try again (within the wait).
+            let retry_after = match turn {
                 Ok(Turn::Granted) => {
                     if granted_ttl_ms.is_some() {
                         // Our keep-alives ran every TTL/3 while we waited, so the lease may have
@@ -250,8 +251,12 @@ impl Service {
                         Woken::Recheck => None,
                         Woken::Deadline => {
                             abandon.now().await;
-                            let holder = self.current_holder(&name).await.ok().flatten();
-                            return Err(ServiceError::LockHeld { holder });
+                            // Say who holds it; if etcd cannot say, that is an outage (503),
+                            // not a lock we know to be held.
+                            return Err(match self.current_holder(&name).await {
+                                Ok(holder) => ServiceError::LockHeld { holder },
+                                Err(err) => err,
+                            });
                         }
                         Woken::Shutdown => {
                             abandon.now().await;
@@ -263,21 +268,18 @@ impl Service {
                     abandon.now().await;
                     return Err(ServiceError::LeaseNotFound);
                 }
-                Err(StoreError::Unavailable(ref msg)) => {
-                    tracing::debug!(error = %msg, lock = %name, "waiter re-read failed; retrying");
-                    Some(RETRY_AFTER_STORE_ERROR)
+                Err(ref err @ StoreError::Unavailable(_)) => {
+                    tracing::debug!(error = %err, lock = %name, "waiter re-read failed; retrying");
+                    Some(err.clone())
                 }
             };
-            if let Some(pause) = recheck_in {
+            if let Some(store_error) = retry_after {
                 tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
+                    _ = tokio::time::sleep(RETRY_AFTER_STORE_ERROR) => {}
                     _ = tokio::time::sleep_until(deadline) => {
                         abandon.now().await;
                         // etcd never confirmed our turn: that is an outage, not a held lock.
-                        return Err(match turn {
-                            Err(err) => err.into(),
-                            Ok(_) => unreachable!("pauses follow store errors only"),
-                        });
+                        return Err(store_error.into());
                     }
                     _ = self.shutdown.cancelled() => {
                         abandon.now().await;

@@ -478,3 +478,63 @@ async fn resumed_wait_survives_the_abandoned_original() -> Result<()> {
     assert!(token(&body) > token(&held));
     Ok(())
 }
+
+/// etcd going away while a waiter waits: the waiter keeps its place, and is granted once etcd is
+/// back and the holder releases (its watch re-created, it re-reads). If etcd stays away until the
+/// wait ends, the answer is 503 `store_unavailable`, never a grant and never `lock_held`.
+#[tokio::test]
+async fn waiter_survives_an_etcd_restart() -> Result<()> {
+    let mut etcd = EtcdCluster::start(1).await?;
+    let config = leasehold_server::Config::default()
+        .with_etcd_endpoints(etcd.endpoints())
+        .with_etcd_timeout(Duration::from_secs(1));
+    let server = TestServer::start_with(config).await?;
+    let api = Api::new(server.url());
+    let (_, held) = api.acquire_ttl("restart", "60s", "0s").await?;
+    let lease = api.grant("60s").await?;
+    let waiter = tokio::spawn({
+        let api = api.clone();
+        async move {
+            api.post(
+                "/v1/locks/restart/acquire",
+                json!({"lease_id": lease, "wait": "30s"}),
+            )
+            .await
+        }
+    });
+    wait_for_queue(&etcd, "restart", 2).await?;
+    etcd.kill(0).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    etcd.restart(0)?;
+    etcd.wait_ready(Duration::from_secs(20)).await?;
+    let (status, body) = api
+        .post("/v1/locks/restart/release", json!({"token": token(&held)}))
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    let (status, granted) = waiter.await??;
+    assert_eq!(status, 200, "{granted}");
+    assert!(token(&granted) > token(&held));
+
+    // Now etcd goes away for longer than another waiter's wait.
+    let other = api.grant("60s").await?;
+    let waiter = tokio::spawn({
+        let api = api.clone();
+        async move {
+            api.post(
+                "/v1/locks/restart/acquire",
+                json!({"lease_id": other, "wait": "2s"}),
+            )
+            .await
+        }
+    });
+    wait_for_queue(&etcd, "restart", 2).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    etcd.kill(0).await?;
+    let (status, body) = waiter.await??;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("store_unavailable")),
+        "{body}"
+    );
+    Ok(())
+}
