@@ -5,6 +5,8 @@
 //! turn [`StoreError::Unavailable`] into `503 store_unavailable`.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
@@ -44,11 +46,42 @@ impl From<etcd_client::Error> for StoreError {
     }
 }
 
-/// A cloneable handle on the etcd cluster (clones share one pool of connections).
+/// How long an endpoint whose call failed is passed over (unless every endpoint is).
+const SUSPECT_FOR: Duration = Duration::from_secs(5);
+
+/// A cloneable handle on the etcd cluster (clones share the connections).
+///
+/// One client per endpoint, used in turn, skipping endpoints whose last call failed within
+/// [`SUSPECT_FOR`]. etcd-client's own balancing cannot tell a stalled member (`SIGSTOP`, a
+/// frozen VM: TCP still connects, nothing answers) from a healthy one, so a third of all calls
+/// would wait for the timeout while one member of three is stalled. Every member serves the same
+/// linearizable cluster, so which one answers does not matter for correctness.
 #[derive(Clone)]
 pub struct Store {
-    client: Client,
+    endpoints: Arc<[Endpoint]>,
+    next: Arc<AtomicUsize>,
     request_timeout: Duration,
+}
+
+struct Endpoint {
+    client: Client,
+    /// Until when this endpoint is passed over, as an offset from `since` in milliseconds.
+    suspect_until_ms: AtomicU64,
+    since: std::time::Instant,
+}
+
+impl Endpoint {
+    fn is_suspect(&self) -> bool {
+        self.since.elapsed().as_millis() < u128::from(self.suspect_until_ms.load(Ordering::Relaxed))
+    }
+
+    fn suspect(&self) {
+        let until = self.since.elapsed() + SUSPECT_FOR;
+        self.suspect_until_ms.store(
+            until.as_millis().try_into().unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
 }
 
 impl Store {
@@ -67,24 +100,61 @@ impl Store {
             // A member cut off from its leader must not serve our watch: etcd cancels it and we
             // re-establish it elsewhere.
             .with_require_leader(true);
-        let client = Client::connect(endpoints, Some(options))
-            .await
-            .map_err(StoreError::from)?;
+        let mut clients = Vec::with_capacity(endpoints.len());
+        for endpoint in endpoints {
+            let client = Client::connect([endpoint], Some(options.clone()))
+                .await
+                .map_err(StoreError::from)?;
+            clients.push(Endpoint {
+                client,
+                suspect_until_ms: AtomicU64::new(0),
+                since: std::time::Instant::now(),
+            });
+        }
+        if clients.is_empty() {
+            return Err(StoreError::Unavailable("no etcd endpoint given".into()));
+        }
         Ok(Self {
-            client,
+            endpoints: clients.into(),
+            next: Arc::new(AtomicUsize::new(0)),
             request_timeout,
         })
     }
 
-    /// A raw client, for the long-lived watch (cheap to clone). One-shot calls go through the
-    /// typed methods below, which bound, classify, trace and time them.
-    pub fn client(&self) -> Client {
-        self.client.clone()
+    /// The next endpoint in turn that is not suspect (any, if all are).
+    fn pick(&self) -> usize {
+        let n = self.endpoints.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&i| !self.endpoints[i].is_suspect())
+            .unwrap_or(start % n)
+    }
+
+    /// A raw client on a healthy endpoint, with the endpoint's index for
+    /// [`Store::suspect`]: for the long-lived watch. One-shot calls go through the typed methods
+    /// below, which bound, classify, trace and time them.
+    pub fn pick_client(&self) -> (usize, Client) {
+        let at = self.pick();
+        (at, self.endpoints[at].client.clone())
+    }
+
+    /// Passes over endpoint `at` for a while (its watch broke, or a call to it failed).
+    pub fn suspect(&self, at: usize) {
+        if self.endpoints.len() > 1 {
+            self.endpoints[at].suspect();
+        }
     }
 
     /// Runs one etcd call, bounded by the request timeout, with its error classified, inside an
     /// `etcd` span, and timed into `leasehold_etcd_request_duration_seconds{op}`.
-    async fn call<T, F>(&self, op: &'static str, target: &str, call: F) -> Result<T, StoreError>
+    async fn call<T, F>(
+        &self,
+        at: usize,
+        op: &'static str,
+        target: &str,
+        call: F,
+    ) -> Result<T, StoreError>
     where
         T: AtRevision,
         F: Future<Output = Result<T, etcd_client::Error>>,
@@ -114,14 +184,17 @@ impl Store {
             record.record("revision", revision);
         }
         let answered = !matches!(result, Err(StoreError::Unavailable(_)));
+        if !answered {
+            self.suspect(at);
+        }
         metrics::etcd_call(op, started.elapsed(), answered);
         result
     }
 
     /// A transaction; `target` names the key or prefix it is about, for traces.
     pub async fn txn(&self, target: &str, txn: Txn) -> Result<TxnResponse, StoreError> {
-        let mut client = self.client();
-        self.call("txn", target, client.txn(txn)).await
+        let (at, mut client) = self.pick_client();
+        self.call(at, "txn", target, client.txn(txn)).await
     }
 
     /// A range read.
@@ -130,8 +203,8 @@ impl Store {
         key: &str,
         options: Option<GetOptions>,
     ) -> Result<GetResponse, StoreError> {
-        let mut client = self.client();
-        self.call("get", key, client.get(key, options)).await
+        let (at, mut client) = self.pick_client();
+        self.call(at, "get", key, client.get(key, options)).await
     }
 
     /// A write.
@@ -141,23 +214,24 @@ impl Store {
         value: Vec<u8>,
         options: Option<PutOptions>,
     ) -> Result<(), StoreError> {
-        let mut client = self.client();
-        self.call("put", key, client.put(key, value, options))
+        let (at, mut client) = self.pick_client();
+        self.call(at, "put", key, client.put(key, value, options))
             .await
             .map(drop)
     }
 
     /// Grants a lease of `ttl_secs` seconds (etcd may raise it to its minimum).
     pub async fn lease_grant(&self, ttl_secs: i64) -> Result<LeaseGrantResponse, StoreError> {
-        let mut client = self.client();
-        self.call("lease_grant", "", client.lease_grant(ttl_secs, None))
+        let (at, mut client) = self.pick_client();
+        self.call(at, "lease_grant", "", client.lease_grant(ttl_secs, None))
             .await
     }
 
     /// Revokes a lease and, with it, every key attached to it.
     pub async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let mut client = self.client();
+        let (at, mut client) = self.pick_client();
         self.call(
+            at,
             "lease_revoke",
             &lease.to_string(),
             client.lease_revoke(lease.as_i64()),
@@ -169,8 +243,9 @@ impl Store {
     /// Refreshes a lease once. etcd-client sends one keep-alive and waits for its answer; a TTL
     /// of 0 (lease gone) comes back as `LeaseNotFound`.
     pub async fn lease_keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let mut client = self.client();
+        let (at, mut client) = self.pick_client();
         self.call(
+            at,
             "lease_keepalive",
             &lease.to_string(),
             client.lease_keep_alive(lease.as_i64()),
@@ -185,9 +260,10 @@ impl Store {
         lease: LeaseId,
         with_keys: bool,
     ) -> Result<LeaseTimeToLiveResponse, StoreError> {
-        let mut client = self.client();
+        let (at, mut client) = self.pick_client();
         let options = with_keys.then(|| LeaseTimeToLiveOptions::new().with_keys());
         self.call(
+            at,
             "lease_ttl",
             &lease.to_string(),
             client.lease_time_to_live(lease.as_i64(), options),

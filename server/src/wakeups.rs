@@ -140,12 +140,17 @@ impl Wakeups {
         let mut backoff = Duration::from_millis(50);
         // Warn when the watch breaks, not once per retry while etcd stays down.
         let mut broken = false;
+        // The endpoint the watch runs on: passed over for a while when the watch breaks, so the
+        // next one is made on another member (a stalled member would break it again).
+        let mut watched_on = 0;
         loop {
             let session = async {
                 let options = WatchOptions::new()
                     .with_prefix()
                     .with_filters([WatchFilterType::NoPut]);
-                let mut stream = store.client().watch(root.as_bytes(), Some(options)).await?;
+                let (at, mut client) = store.pick_client();
+                watched_on = at;
+                let mut stream = client.watch(root.as_bytes(), Some(options)).await?;
                 // Wait for etcd to confirm the watch before telling waiters to re-read: only
                 // then are deletions after their read guaranteed to reach them.
                 match stream.message().await? {
@@ -187,6 +192,7 @@ impl Wakeups {
                 _ = stop.cancelled() => return,
                 result = session => {
                     if let Err(err) = result {
+                        store.suspect(watched_on);
                         if broken {
                             tracing::debug!(error = %err, "lock watch still broken; retrying");
                         } else {

@@ -538,3 +538,48 @@ async fn waiter_survives_an_etcd_restart() -> Result<()> {
     );
     Ok(())
 }
+
+/// With one of three etcd members stalled (SIGSTOP: it accepts connections but never answers),
+/// the server stops sending it calls after the first one times out: nearly every acquire and
+/// release still succeeds, promptly, instead of a third of them waiting for the etcd timeout.
+#[tokio::test]
+async fn a_stalled_member_is_avoided() -> Result<()> {
+    let etcd = EtcdCluster::start(3).await?;
+    let config = leasehold_server::Config::default()
+        .with_etcd_endpoints(etcd.endpoints())
+        .with_etcd_timeout(Duration::from_secs(1));
+    let server = TestServer::start_with(config).await?;
+    let api = Api::new(server.url());
+    // Stall a follower (a stalled leader is replaced by an election; a follower stays stalled).
+    let leader = etcd.leader().await?;
+    let stalled = (leader + 1) % 3;
+    etcd.pause(stalled)?;
+    let started = Instant::now();
+    let mut unavailable = 0;
+    for i in 0..20 {
+        // A lock per cycle: a release that failed must not make the next acquire find it held.
+        let (status, body) = api.acquire_ttl(&format!("stall-{i}"), "10s", "0s").await?;
+        if status != 200 {
+            assert_eq!(status, 503, "{body}");
+            unavailable += 1;
+            continue;
+        }
+        let release = format!("/v1/locks/stall-{i}/release");
+        let (status, body) = api.post(&release, json!({"token": token(&body)})).await?;
+        if status != 200 {
+            assert_eq!(status, 503, "{body}");
+            unavailable += 1;
+        }
+    }
+    let elapsed = started.elapsed();
+    etcd.resume(stalled)?;
+    assert!(
+        unavailable <= 3,
+        "{unavailable} of 20 cycles hit the stalled member"
+    );
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "20 cycles took {elapsed:?}"
+    );
+    Ok(())
+}
