@@ -100,7 +100,7 @@ impl Service {
         }
     }
 
-    /// Starts the background watch that wakes waiters; it stops at [`Service::shutdown`].
+    /// Starts the background watch that wakes waiters; it stops at [`Service::begin_shutdown`].
     pub fn start(&self) {
         let wakeups = self.wakeups.clone();
         tokio::spawn(wakeups.run(self.store.clone(), self.keys.clone(), self.shutdown.clone()));

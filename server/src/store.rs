@@ -52,7 +52,7 @@ const SUSPECT_FOR: Duration = Duration::from_secs(5);
 /// A cloneable handle on the etcd cluster (clones share the connections).
 ///
 /// One client per endpoint, used in turn, skipping endpoints whose last call failed within
-/// [`SUSPECT_FOR`]. etcd-client's own balancing cannot tell a stalled member (`SIGSTOP`, a
+/// five seconds. etcd-client's own balancing cannot tell a stalled member (`SIGSTOP`, a
 /// frozen VM: TCP still connects, nothing answers) from a healthy one, so a third of all calls
 /// would wait for the timeout while one member of three is stalled. Every member serves the same
 /// linearizable cluster, so which one answers does not matter for correctness.
