@@ -165,7 +165,12 @@ async fn waiters_are_served_in_order() -> Result<()> {
         .await?;
     let mut last = token(&first);
     for expected in 0..10 {
-        let (i, t) = rx.recv().await.unwrap();
+        // Each waiter releases as soon as it is granted, so the next grant follows at once. A
+        // wakeup lost and caught only by the 10 s re-read backstop would blow this bound.
+        let (i, t) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("a handoff took longer than 5 s: a lost wakeup?")
+            .unwrap();
         assert_eq!(i, expected, "waiter {i} served out of order");
         assert!(t > last);
         last = t;
