@@ -34,7 +34,7 @@ use crate::service::{Holder, Service, ServiceError};
 #[cfg(test)]
 use crate::store::Store;
 use crate::store::StoreError;
-use crate::wakeups::{Subscription, Wakeup};
+use crate::wakeups::Subscription;
 
 /// How often a waiter re-reads even without a wakeup: a backstop against a missed event, not
 /// the way handoffs normally happen (those take one watch event).
@@ -180,9 +180,10 @@ impl Service {
             }
             _ => None,
         };
-        // Subscribe before the first read, so no deletion after it can be missed.
+        // Subscribe, and mark, before the first read, so no deletion after it can be missed.
         let queue = self.keys.queue_prefix(&name);
         let mut wakeups = (!wait.is_zero()).then(|| self.wakeups.subscribe(&queue));
+        let mut mark = wakeups.as_ref().map_or(0, Subscription::mark);
         let deadline = Instant::now() + wait;
 
         let enqueued = match self.enqueue(&name, lease_id, value).await {
@@ -225,7 +226,10 @@ impl Service {
         // Our key was created earlier (a retried acquire): find our place in line.
         let mut turn = match enqueued.predecessor {
             Some(predecessor) => Ok(Turn::Behind(predecessor)),
-            None => self.check_turn(&name, &waiter_key, enqueued.my_rev).await,
+            None => {
+                mark = wakeups.mark();
+                self.check_turn(&name, &waiter_key, enqueued.my_rev).await
+            }
         };
         loop {
             // Some(error) when etcd failed the re-read: pause, then try again (within the wait).
@@ -246,8 +250,9 @@ impl Service {
                     return Err(self.why_gone(&name, lease_id).await);
                 }
                 Ok(Turn::Behind(ref predecessor)) => {
-                    let watched = [predecessor.as_slice(), waiter_key.as_bytes()];
-                    match self.wait_for_wakeup(wakeups, watched, deadline).await {
+                    // Our predecessor going, or our own key going (lease died), means re-read.
+                    wakeups.watch(&[predecessor, waiter_key.as_bytes()], mark);
+                    match self.wait_for_wakeup(wakeups, deadline).await {
                         Woken::Recheck => None,
                         Woken::Deadline => {
                             abandon.now().await;
@@ -287,36 +292,19 @@ impl Service {
                     }
                 }
             }
+            mark = wakeups.mark();
             turn = self.check_turn(&name, &waiter_key, enqueued.my_rev).await;
         }
     }
 
-    /// Waits until one of the `watched` keys (our predecessor, our own key) is deleted, a resync
-    /// or the backstop asks for a re-read, the deadline passes, or shutdown begins.
-    ///
-    /// Every deletion in the lock's queue passes through here; the timers and the shutdown
-    /// future are set up once per wait, so a deletion meant for another waiter costs a
-    /// comparison, not a timer registration.
-    async fn wait_for_wakeup(
-        &self,
-        wakeups: &mut Subscription,
-        watched: [&[u8]; 2],
-        deadline: Instant,
-    ) -> Woken {
-        let backstop = tokio::time::sleep(BACKSTOP_RECHECK);
-        let expiry = tokio::time::sleep_until(deadline);
-        let shutdown = self.shutdown.cancelled();
-        tokio::pin!(backstop, expiry, shutdown);
-        loop {
-            tokio::select! {
-                wakeup = wakeups.next() => match wakeup {
-                    Wakeup::Deleted(key) if !watched.contains(&key.as_slice()) => continue,
-                    _ => return Woken::Recheck,
-                },
-                _ = &mut backstop => return Woken::Recheck,
-                _ = &mut expiry => return Woken::Deadline,
-                _ = &mut shutdown => return Woken::Shutdown,
-            }
+    /// Waits until a watched key (our predecessor, our own key) is deleted, a resync or the
+    /// backstop asks for a re-read, the deadline passes, or shutdown begins.
+    async fn wait_for_wakeup(&self, wakeups: &mut Subscription, deadline: Instant) -> Woken {
+        tokio::select! {
+            _ = wakeups.next() => Woken::Recheck,
+            _ = tokio::time::sleep(BACKSTOP_RECHECK) => Woken::Recheck,
+            _ = tokio::time::sleep_until(deadline) => Woken::Deadline,
+            _ = self.shutdown.cancelled() => Woken::Shutdown,
         }
     }
 

@@ -1,43 +1,49 @@
-//! Wakes waiting acquires when a key ahead of them is deleted.
+//! Wakes waiting acquires when a key they watch is deleted.
 //!
 //! One etcd watch per server process covers every lock queue (`P/locks/`, deletions only). Each
-//! deletion is handed to the waiters of that one lock, in memory; each waiter ignores every
-//! deletion but its predecessor's and its own. So etcd sees one watch per server and one read per
-//! handoff, however many waiters there are (no thundering herd on etcd).
+//! deletion is routed, in memory, to the waiters that registered interest in that key: a waiter
+//! watches its predecessor and its own key. So etcd sees one watch per server and one read per
+//! handoff, and a deletion wakes only the waiter it concerns, however long the queue (no
+//! thundering herd, on etcd or in the server).
 //!
 //! This is routing, not state: no decision is taken from an event. A woken waiter re-reads etcd,
 //! and that read decides.
 //!
+//! Nothing may fall between a waiter's read and its registration. So each waiter takes a
+//! [`Subscription::mark`] (the lock's deletion count) *before* its read, and registers with that
+//! mark *after* it: registering replays the lock's recent deletions newer than the mark, and
+//! wakes the waiter at once if one concerns it (or if the log no longer reaches back that far).
+//!
 //! The watch starts "from now" (no start revision) because etcd serves watches that start at a
-//! past revision in ~100 ms batches (see `docs/design.md`); a waiter subscribes *before* its
-//! decision read, so any deletion after that read reaches it. When the watch breaks it is
-//! re-created and every waiter is told to re-read ([`Wakeup::Resync`]), since events may have been
-//! missed in between.
+//! past revision in ~100 ms batches (see `docs/design.md`). When it breaks it is re-created on
+//! another member and every waiter is told to re-read ([`Wakeup::Resync`]), since events may have
+//! been missed in between.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{EventType, WatchFilterType, WatchOptions};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::KeySchema;
 use crate::store::Store;
 
-/// Deletions buffered per lock before a slow waiter is told it lagged (and re-reads).
-const CHANNEL_CAPACITY: usize = 256;
+/// Deletions remembered per lock, for waiters registering after their read. Far more than can
+/// happen between a waiter's mark and its registration (one etcd round trip).
+const RECENT_DELETIONS: usize = 1024;
 
-/// Something a waiter must look at.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why a waiter was woken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wakeup {
-    /// This key was deleted from the lock's queue.
-    Deleted(Vec<u8>),
-    /// Events may have been missed: re-read.
+    /// A key it watches was deleted.
+    Watched,
+    /// Events may have been missed (the watch was re-created): re-read.
     Resync,
 }
 
-/// Routes deletions seen by the shared watch to the waiters of each lock.
+/// Routes deletions seen by the shared watch to the waiters watching those keys.
 #[derive(Clone, Default)]
 pub struct Wakeups {
     inner: Arc<Inner>,
@@ -45,36 +51,95 @@ pub struct Wakeups {
 
 #[derive(Default)]
 struct Inner {
-    /// Queue prefix → channel to that lock's waiters on this server.
-    locks: Mutex<HashMap<Vec<u8>, broadcast::Sender<Wakeup>>>,
+    /// Queue prefix → that lock's routes on this server.
+    locks: Mutex<HashMap<Vec<u8>, LockRoutes>>,
     /// Bumped each time the watch is (re-)established; waiters re-read when it changes.
     generation: watch::Sender<u64>,
+    /// Numbers subscriptions.
+    next_id: std::sync::atomic::AtomicU64,
 }
 
-/// A waiter's subscription to the deletions of one lock's queue. Dropping it unsubscribes.
+/// One lock's deletions and the waiters interested in them.
+#[derive(Default)]
+struct LockRoutes {
+    /// How many deletions were routed for this lock so far.
+    seq: u64,
+    /// The last [`RECENT_DELETIONS`] deletions, `(seq, key)`, oldest first.
+    recent: VecDeque<(u64, Vec<u8>)>,
+    /// Key → the subscriptions watching its deletion.
+    interested: HashMap<Vec<u8>, Vec<(u64, Arc<Notify>)>>,
+    /// Subscriptions to this lock; the entry goes when the last one does.
+    subscribers: usize,
+}
+
+/// A waiter's subscription to one lock's deletions. Dropping it unsubscribes.
 pub struct Subscription {
     queue: Vec<u8>,
-    events: broadcast::Receiver<Wakeup>,
+    id: u64,
+    notify: Arc<Notify>,
+    watching: Vec<Vec<u8>>,
     generation: watch::Receiver<u64>,
     wakeups: Wakeups,
 }
 
 impl Subscription {
-    /// Waits for the next wakeup. A lagged receiver, or a re-established watch, yields
-    /// [`Wakeup::Resync`].
+    /// The lock's deletion count: take it *before* the read whose result you will watch.
+    pub fn mark(&self) -> u64 {
+        let locks = self
+            .wakeups
+            .inner
+            .locks
+            .lock()
+            .expect("wakeups lock poisoned");
+        locks.get(&self.queue).map_or(0, |routes| routes.seq)
+    }
+
+    /// Watches `keys` from now on, replacing what was watched before, and wakes this waiter at
+    /// once if one of them was deleted after `mark` (or if that is no longer known).
+    pub fn watch(&mut self, keys: &[&[u8]], mark: u64) {
+        let mut locks = self
+            .wakeups
+            .inner
+            .locks
+            .lock()
+            .expect("wakeups lock poisoned");
+        let routes = locks.entry(self.queue.clone()).or_default();
+        for key in self.watching.drain(..) {
+            if let Some(watchers) = routes.interested.get_mut(&key) {
+                watchers.retain(|(id, _)| *id != self.id);
+                if watchers.is_empty() {
+                    routes.interested.remove(&key);
+                }
+            }
+        }
+        for key in keys {
+            routes
+                .interested
+                .entry(key.to_vec())
+                .or_default()
+                .push((self.id, self.notify.clone()));
+            self.watching.push(key.to_vec());
+        }
+        let log_reaches_mark = routes
+            .recent
+            .front()
+            .is_none_or(|(seq, _)| *seq <= mark + 1);
+        let missed = routes
+            .recent
+            .iter()
+            .any(|(seq, key)| *seq > mark && keys.contains(&key.as_slice()));
+        if missed || !log_reaches_mark {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Waits until a watched key is deleted, or the watch was re-established.
     pub async fn next(&mut self) -> Wakeup {
         tokio::select! {
-            event = self.events.recv() => match event {
-                Ok(wakeup) => wakeup,
-                Err(_) => {
-                    // Lagged: drop the backlog; one re-read covers it.
-                    self.events = self.events.resubscribe();
-                    Wakeup::Resync
-                }
-            },
+            _ = self.notify.notified() => Wakeup::Watched,
             changed = self.generation.changed() => {
                 if changed.is_err() {
-                    // The watch task is gone (server shutting down); re-reading is still right.
+                    // The watch task is gone (server shutting down): only the timers are left.
                     std::future::pending::<()>().await;
                 }
                 Wakeup::Resync
@@ -91,45 +156,70 @@ impl Drop for Subscription {
             .locks
             .lock()
             .expect("wakeups lock poisoned");
-        // Our receiver is still counted until this drop finishes, hence `<= 1`.
-        if locks
-            .get(&self.queue)
-            .is_some_and(|tx| tx.receiver_count() <= 1)
-        {
+        let Some(routes) = locks.get_mut(&self.queue) else {
+            return;
+        };
+        for key in &self.watching {
+            if let Some(watchers) = routes.interested.get_mut(key) {
+                watchers.retain(|(id, _)| *id != self.id);
+                if watchers.is_empty() {
+                    routes.interested.remove(key);
+                }
+            }
+        }
+        routes.subscribers -= 1;
+        if routes.subscribers == 0 {
             locks.remove(&self.queue);
         }
     }
 }
 
 impl Wakeups {
-    /// Subscribes to deletions in the queue at `queue_prefix`.
+    /// Subscribes to deletions in the queue at `queue_prefix`; call [`Subscription::watch`] to
+    /// say which keys matter.
     pub fn subscribe(&self, queue_prefix: &str) -> Subscription {
         let queue = queue_prefix.as_bytes().to_vec();
-        let events = {
-            let mut locks = self.inner.locks.lock().expect("wakeups lock poisoned");
-            locks
-                .entry(queue.clone())
-                .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
-                .subscribe()
-        };
+        self.inner
+            .locks
+            .lock()
+            .expect("wakeups lock poisoned")
+            .entry(queue.clone())
+            .or_default()
+            .subscribers += 1;
         let mut generation = self.inner.generation.subscribe();
         generation.mark_unchanged();
         Subscription {
             queue,
-            events,
+            id: self
+                .inner
+                .next_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            notify: Arc::new(Notify::new()),
+            watching: Vec::new(),
             generation,
             wakeups: self.clone(),
         }
     }
 
-    /// Delivers a deletion to the waiters of the lock it belongs to, if any are here.
+    /// Routes a deletion to the waiters watching that key, and logs it for late registrations.
     fn deliver(&self, key: &[u8]) {
         let Some(queue) = KeySchema::queue_of_waiter_key(key) else {
             return;
         };
-        let locks = self.inner.locks.lock().expect("wakeups lock poisoned");
-        if let Some(tx) = locks.get(queue) {
-            let _ = tx.send(Wakeup::Deleted(key.to_vec()));
+        let mut locks = self.inner.locks.lock().expect("wakeups lock poisoned");
+        let Some(routes) = locks.get_mut(queue) else {
+            return; // nobody waits for this lock here
+        };
+        routes.seq += 1;
+        let seq = routes.seq;
+        routes.recent.push_back((seq, key.to_vec()));
+        if routes.recent.len() > RECENT_DELETIONS {
+            routes.recent.pop_front();
+        }
+        if let Some(watchers) = routes.interested.get(key) {
+            for (_, notify) in watchers {
+                notify.notify_one();
+            }
         }
     }
 
@@ -218,27 +308,92 @@ impl Wakeups {
 mod tests {
     use super::*;
 
+    const A0: &[u8] = b"/p/locks/a/q/0000000000000001";
+    const A1: &[u8] = b"/p/locks/a/q/0000000000000002";
+
+    async fn woken(sub: &mut Subscription) -> bool {
+        tokio::time::timeout(Duration::from_millis(20), sub.next())
+            .await
+            .is_ok()
+    }
+
     #[tokio::test]
-    async fn deletions_reach_only_their_lock() {
+    async fn a_deletion_wakes_only_who_watches_it() {
         let wakeups = Wakeups::default();
-        let mut a = wakeups.subscribe("/p/locks/a/q/");
-        let mut ab = wakeups.subscribe("/p/locks/a%2Fb/q/");
-        wakeups.deliver(b"/p/locks/a/q/0000000000000001");
-        assert_eq!(
-            a.next().await,
-            Wakeup::Deleted(b"/p/locks/a/q/0000000000000001".to_vec())
+        let mut first = wakeups.subscribe("/p/locks/a/q/");
+        let mut second = wakeups.subscribe("/p/locks/a/q/");
+        let mut other_lock = wakeups.subscribe("/p/locks/a%2Fb/q/");
+        let (m1, m2) = (first.mark(), second.mark());
+        first.watch(&[A0], m1);
+        second.watch(&[A1], m2);
+        other_lock.watch(&[A0], 0);
+        wakeups.deliver(A0);
+        assert!(woken(&mut first).await);
+        assert!(!woken(&mut second).await, "not its predecessor");
+        assert!(
+            !woken(&mut other_lock).await,
+            "lock a/b never sees lock a's keys"
         );
-        let nothing = tokio::time::timeout(Duration::from_millis(20), ab.next()).await;
-        assert!(nothing.is_err(), "lock a/b must not see lock a's deletions");
+    }
+
+    #[tokio::test]
+    async fn a_deletion_between_read_and_registration_is_not_missed() {
+        let wakeups = Wakeups::default();
+        let mut sub = wakeups.subscribe("/p/locks/a/q/");
+        let mark = sub.mark(); // before the read
+        wakeups.deliver(A0); // after the read, before we registered
+        sub.watch(&[A0], mark);
+        assert!(woken(&mut sub).await);
+    }
+
+    #[tokio::test]
+    async fn deletions_before_the_mark_are_ignored() {
+        let wakeups = Wakeups::default();
+        let mut sub = wakeups.subscribe("/p/locks/a/q/");
+        wakeups.deliver(A0); // the read will already have seen this
+        let mark = sub.mark();
+        sub.watch(&[A0], mark);
+        assert!(!woken(&mut sub).await);
+    }
+
+    #[tokio::test]
+    async fn a_log_that_no_longer_reaches_the_mark_means_recheck() {
+        let wakeups = Wakeups::default();
+        let mut sub = wakeups.subscribe("/p/locks/a/q/");
+        let mark = sub.mark();
+        for i in 0..(RECENT_DELETIONS + 2) {
+            wakeups.deliver(format!("/p/locks/a/q/{i:016x}x").as_bytes());
+        }
+        sub.watch(&[A0], mark);
+        assert!(
+            woken(&mut sub).await,
+            "missed deletions may have included ours"
+        );
+    }
+
+    #[tokio::test]
+    async fn rewatching_replaces_the_keys() {
+        let wakeups = Wakeups::default();
+        let mut sub = wakeups.subscribe("/p/locks/a/q/");
+        sub.watch(&[A0], sub.mark());
+        sub.watch(&[A1], sub.mark());
+        wakeups.deliver(A0);
+        assert!(!woken(&mut sub).await, "A0 is no longer watched");
+        wakeups.deliver(A1);
+        assert!(woken(&mut sub).await);
     }
 
     #[tokio::test]
     async fn dropping_the_last_subscriber_forgets_the_lock() {
         let wakeups = Wakeups::default();
-        let first = wakeups.subscribe("/p/locks/a/q/");
+        let mut first = wakeups.subscribe("/p/locks/a/q/");
         let second = wakeups.subscribe("/p/locks/a/q/");
+        first.watch(&[A0], 0);
         drop(first);
-        assert_eq!(wakeups.inner.locks.lock().unwrap().len(), 1);
+        {
+            let locks = wakeups.inner.locks.lock().unwrap();
+            assert!(locks[b"/p/locks/a/q/".as_slice()].interested.is_empty());
+        }
         drop(second);
         assert!(wakeups.inner.locks.lock().unwrap().is_empty());
     }
@@ -248,16 +403,6 @@ mod tests {
         let wakeups = Wakeups::default();
         let mut sub = wakeups.subscribe("/p/locks/a/q/");
         wakeups.inner.generation.send_modify(|g| *g += 1);
-        assert_eq!(sub.next().await, Wakeup::Resync);
-    }
-
-    #[tokio::test]
-    async fn lagging_means_resync() {
-        let wakeups = Wakeups::default();
-        let mut sub = wakeups.subscribe("/p/locks/a/q/");
-        for i in 0..(CHANNEL_CAPACITY + 5) {
-            wakeups.deliver(format!("/p/locks/a/q/{i}").as_bytes());
-        }
         assert_eq!(sub.next().await, Wakeup::Resync);
     }
 }
