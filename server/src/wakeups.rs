@@ -72,6 +72,20 @@ struct LockRoutes {
     subscribers: usize,
 }
 
+impl LockRoutes {
+    /// Stops routing deletions of `keys` to subscription `id`.
+    fn forget(&mut self, id: u64, keys: &[Vec<u8>]) {
+        for key in keys {
+            if let Some(watchers) = self.interested.get_mut(key) {
+                watchers.retain(|(watcher, _)| *watcher != id);
+                if watchers.is_empty() {
+                    self.interested.remove(key);
+                }
+            }
+        }
+    }
+}
+
 /// A waiter's subscription to one lock's deletions. Dropping it unsubscribes.
 pub struct Subscription {
     queue: Vec<u8>,
@@ -104,14 +118,8 @@ impl Subscription {
             .lock()
             .expect("wakeups lock poisoned");
         let routes = locks.entry(self.queue.clone()).or_default();
-        for key in self.watching.drain(..) {
-            if let Some(watchers) = routes.interested.get_mut(&key) {
-                watchers.retain(|(id, _)| *id != self.id);
-                if watchers.is_empty() {
-                    routes.interested.remove(&key);
-                }
-            }
-        }
+        routes.forget(self.id, &self.watching);
+        self.watching.clear();
         for key in keys {
             routes
                 .interested
@@ -159,14 +167,7 @@ impl Drop for Subscription {
         let Some(routes) = locks.get_mut(&self.queue) else {
             return;
         };
-        for key in &self.watching {
-            if let Some(watchers) = routes.interested.get_mut(key) {
-                watchers.retain(|(id, _)| *id != self.id);
-                if watchers.is_empty() {
-                    routes.interested.remove(key);
-                }
-            }
-        }
+        routes.forget(self.id, &self.watching);
         routes.subscribers -= 1;
         if routes.subscribers == 0 {
             locks.remove(&self.queue);
