@@ -99,24 +99,14 @@ pub struct Subscription {
 impl Subscription {
     /// The lock's deletion count: take it *before* the read whose result you will watch.
     pub fn mark(&self) -> u64 {
-        let locks = self
-            .wakeups
-            .inner
-            .locks
-            .lock()
-            .expect("wakeups lock poisoned");
+        let locks = self.wakeups.routes();
         locks.get(&self.queue).map_or(0, |routes| routes.seq)
     }
 
     /// Watches `keys` from now on, replacing what was watched before, and wakes this waiter at
     /// once if one of them was deleted after `mark` (or if that is no longer known).
     pub fn watch(&mut self, keys: &[&[u8]], mark: u64) {
-        let mut locks = self
-            .wakeups
-            .inner
-            .locks
-            .lock()
-            .expect("wakeups lock poisoned");
+        let mut locks = self.wakeups.routes();
         let routes = locks.entry(self.queue.clone()).or_default();
         routes.forget(self.id, &self.watching);
         self.watching.clear();
@@ -158,12 +148,7 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let mut locks = self
-            .wakeups
-            .inner
-            .locks
-            .lock()
-            .expect("wakeups lock poisoned");
+        let mut locks = self.wakeups.routes();
         let Some(routes) = locks.get_mut(&self.queue) else {
             return;
         };
@@ -176,17 +161,17 @@ impl Drop for Subscription {
 }
 
 impl Wakeups {
+    /// Every lock's routes on this server, locked. Held only for map updates, never across an
+    /// await.
+    fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, LockRoutes>> {
+        self.inner.locks.lock().expect("wakeups lock poisoned")
+    }
+
     /// Subscribes to deletions in the queue at `queue_prefix`; call [`Subscription::watch`] to
     /// say which keys matter.
     pub fn subscribe(&self, queue_prefix: &str) -> Subscription {
         let queue = queue_prefix.as_bytes().to_vec();
-        self.inner
-            .locks
-            .lock()
-            .expect("wakeups lock poisoned")
-            .entry(queue.clone())
-            .or_default()
-            .subscribers += 1;
+        self.routes().entry(queue.clone()).or_default().subscribers += 1;
         let mut generation = self.inner.generation.subscribe();
         generation.mark_unchanged();
         Subscription {
@@ -207,7 +192,7 @@ impl Wakeups {
         let Some(queue) = KeySchema::queue_of_waiter_key(key) else {
             return;
         };
-        let mut locks = self.inner.locks.lock().expect("wakeups lock poisoned");
+        let mut locks = self.routes();
         let Some(routes) = locks.get_mut(queue) else {
             return; // nobody waits for this lock here
         };
