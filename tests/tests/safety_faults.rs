@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use leasehold_tests::history::{Kind, Recorder, Summary};
+use leasehold_tests::history::{Kind, Op, Recorder, Summary};
 use leasehold_tests::nemesis::{
     FencedLedger, Replica, Rng, Workload, WorkloadConfig, brief, seed, urls, wait_no_holders,
     written,
@@ -71,6 +71,17 @@ impl Rig {
             &self.ledger,
             seed,
         )
+    }
+
+    /// The fault is over: waits until the service grants again, lets the workload run on, stops
+    /// it, and checks the run ([`Rig::finish`]).
+    async fn heal(&self, fault: &Op, run: Workload, test: &str) -> Result<Summary> {
+        self.recorder.fault_end(fault);
+        let healed = self.recorder.now();
+        wait_for_grant(&self.recorder, healed, Duration::from_secs(20)).await?;
+        sleep(Duration::from_secs(2)).await;
+        run.stop().await?;
+        self.finish(test, &[]).await
     }
 
     /// After the clients stopped: no phantom holder on any lock (a lease orphaned by a killed
@@ -166,12 +177,7 @@ async fn killed_etcd_leader() -> Result<()> {
     sleep(Duration::from_secs(5)).await;
     rig.etcd.restart(leader)?;
     rig.etcd.wait_ready(Duration::from_secs(30)).await?;
-    rig.recorder.fault_end(&fault);
-    let healed = rig.recorder.now();
-    wait_for_grant(&rig.recorder, healed, Duration::from_secs(20)).await?;
-    sleep(Duration::from_secs(2)).await;
-    run.stop().await?;
-    rig.finish("killed_etcd_leader", &[]).await?;
+    rig.heal(&fault, run, "killed_etcd_leader").await?;
     Ok(())
 }
 
@@ -192,12 +198,7 @@ async fn paused_etcd_leader() -> Result<()> {
     rig.etcd.pause(leader)?;
     sleep(Duration::from_secs(5)).await;
     rig.etcd.resume(leader)?;
-    rig.recorder.fault_end(&fault);
-    let healed = rig.recorder.now();
-    wait_for_grant(&rig.recorder, healed, Duration::from_secs(20)).await?;
-    sleep(Duration::from_secs(2)).await;
-    run.stop().await?;
-    rig.finish("paused_etcd_leader", &[]).await?;
+    rig.heal(&fault, run, "paused_etcd_leader").await?;
     Ok(())
 }
 
