@@ -113,9 +113,15 @@ impl Service {
             .store
             .get(&self.keys.lease_meta_key(lease), None)
             .await?;
-        if let Some(meta) = parse_meta(meta.kvs().first().map(|kv| kv.value())) {
-            return Ok(meta.ttl_ms);
+        match parse_meta(meta.kvs().first().map(|kv| kv.value())) {
+            Some(meta) => Ok(meta.ttl_ms),
+            None => self.etcd_granted_ttl_ms(lease).await,
         }
+    }
+
+    /// The TTL etcd granted to `lease`, in milliseconds, asked of etcd: for callers that already
+    /// read the lease's meta key and found none (a lease granted outside Leasehold).
+    pub(crate) async fn etcd_granted_ttl_ms(&self, lease: LeaseId) -> Result<u64, ServiceError> {
         let ttl = self.store.lease_time_to_live(lease, false).await?;
         if ttl.ttl() < 0 {
             return Err(ServiceError::LeaseNotFound);

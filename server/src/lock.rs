@@ -195,7 +195,7 @@ impl Service {
         };
         let ttl_ms = match granted_ttl_ms.or(enqueued.ttl_ms) {
             Some(ttl_ms) => ttl_ms,
-            None => self.granted_ttl_ms(lease_id).await?,
+            None => self.etcd_granted_ttl_ms(lease_id).await?,
         };
         let grant = Grant {
             name: name.clone(),
@@ -474,7 +474,7 @@ impl Service {
         }
         let ttl_ms = match parse_meta(txn_gets(&resp)[0].kvs().first().map(|kv| kv.value())) {
             Some(meta) => meta.ttl_ms,
-            None => self.granted_ttl_ms(lease_id).await?,
+            None => self.etcd_granted_ttl_ms(lease_id).await?,
         };
         Ok(Renewal {
             name: name.clone(),

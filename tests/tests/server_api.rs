@@ -361,3 +361,35 @@ async fn openapi_lists_every_route() -> Result<()> {
     }
     Ok(())
 }
+
+/// A lease granted directly in etcd (no Leasehold meta key) works like any other: acquire and
+/// renew report the TTL etcd granted, and the lease shows no owner.
+#[tokio::test]
+async fn leases_granted_outside_leasehold_work() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = TestServer::start(&etcd).await?;
+    let api = Api::new(server.url());
+    let mut client = etcd.client().await?;
+    let lease = format!("{:016x}", client.lease_grant(7, None).await?.id());
+
+    let (status, held) = api
+        .post("/v1/locks/foreign/acquire", json!({"lease_id": lease}))
+        .await?;
+    assert_eq!((status, &held["ttl_ms"]), (200, &json!(7000)), "{held}");
+    let (status, renewed) = api
+        .post("/v1/locks/foreign/renew", json!({"token": held["token"]}))
+        .await?;
+    assert_eq!(
+        (status, &renewed["ttl_ms"]),
+        (200, &json!(7000)),
+        "{renewed}"
+    );
+    let (status, kept) = api
+        .post(&format!("/v1/leases/{lease}/keepalive"), json!({}))
+        .await?;
+    assert_eq!((status, &kept["ttl_ms"]), (200, &json!(7000)));
+    let (_, info) = api.get(&format!("/v1/leases/{lease}")).await?;
+    assert_eq!(info["owner"], Value::Null);
+    assert_eq!(info["locks"], json!(["foreign"]));
+    Ok(())
+}
