@@ -1,54 +1,127 @@
-# Shared by scripts/*: install what the build and the tests need, on Debian/Ubuntu.
-# Sourced, not run. Installs only what is missing: etcd (Debian's etcd-server) and protoc
-# (protobuf-compiler, needed by etcd-client's build).
+# Shared by scripts/*: install what the build, the demo and the tests need, on Debian/Ubuntu.
+# Sourced, not run.
+#
+# What to install is decided by what the build and the tests actually open, never by whether a
+# command with the right name happens to be on PATH. The one list is REQUIREMENTS below: each entry
+# is "package: the check that proves it", and `ensure_packages` installs the package of every
+# entry whose check fails, then checks again and names any package that still fails.
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-ensure_packages() {
-  local missing=()
-  command -v etcd >/dev/null 2>&1 || [ -n "${LEASEHOLD_ETCD_BIN:-}" ] || missing+=(etcd-server)
-  command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
-  command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
-  command -v curl >/dev/null 2>&1 || missing+=(curl)
-  # The scripts pick free ports with it; schemathesis runs on it.
-  command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-venv)
-  # Static validation of compose/ and of /metrics: docker-compose (config -q works without an
-  # engine), promtool, and PyYAML for the compose checks.
-  command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
-  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
-  python3 -c 'import yaml' >/dev/null 2>&1 || missing+=(python3-yaml)
-  for extra in "$@"; do
-    case "$extra" in
-      sqlite3) command -v sqlite3 >/dev/null 2>&1 || missing+=(sqlite3) ;;
-    esac
-  done
-  if [ "${#missing[@]}" -gt 0 ]; then
-    echo "==> installing ${missing[*]}"
-    as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
-  # Debian's package may start a system etcd on 2379; we never use it (tests pick free ports).
-  command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
+# The workspace's rust-version: cargo refuses older toolchains with a clear message, but say it
+# before a long install.
+rust_version_required() {
+  sed -n 's/^rust-version *= *"\([0-9.]*\)".*/\1/p' Cargo.toml | head -n 1
 }
 
-# schemathesis (PyPI, pinned) for the OpenAPI fuzzing test, in a venv under target/ so it never
-# touches the system Python. Exports LEASEHOLD_SCHEMATHESIS for the test.
-SCHEMATHESIS_VERSION=4.32.5
-ensure_schemathesis() {
-  local venv=target/tools/schemathesis-$SCHEMATHESIS_VERSION
-  if [ ! -x "$venv/bin/schemathesis" ]; then
-    command -v python3 >/dev/null 2>&1 || { as_root apt-get update -qq; as_root apt-get install -y -qq python3 >/dev/null; }
-    if ! python3 -m venv "$venv" >/dev/null 2>&1; then
-      rm -rf "$venv"
-      as_root apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq python3-venv >/dev/null
-      python3 -m venv "$venv"
+# protoc must compile a file that imports one of protobuf's well-known types, exactly as
+# etcd-client's build script does: this needs protoc (protobuf-compiler) *and* its include files
+# (libprotobuf-dev, only a "recommends" of protobuf-compiler).
+check_protoc_compiles() {
+  command -v protoc >/dev/null 2>&1 || return 1
+  local dir rc
+  dir=$(mktemp -d)
+  printf 'syntax = "proto3";\nimport "google/protobuf/descriptor.proto";\nmessage M { google.protobuf.FileDescriptorProto f = 1; }\n' >"$dir/probe.proto"
+  protoc -I "$dir" --descriptor_set_out="$dir/out" "$dir/probe.proto" >/dev/null 2>&1
+  rc=$?
+  rm -rf "$dir"
+  return "$rc"
+}
+check_protoc() { command -v protoc >/dev/null 2>&1 && protoc --version >/dev/null 2>&1; }
+check_etcd() { "${LEASEHOLD_ETCD_BIN:-etcd}" --version >/dev/null 2>&1; }
+check_etcdctl() { ETCDCTL_API=3 etcdctl version >/dev/null 2>&1; }
+check_promtool() { promtool --version >/dev/null 2>&1; }
+check_docker_compose() { docker-compose version >/dev/null 2>&1; }
+check_curl() { curl --version >/dev/null 2>&1; }
+check_python3() { python3 -c 'import json, socket' >/dev/null 2>&1; }
+# `python3 -m venv` needs ensurepip, which Debian ships in python3-venv.
+check_python3_venv() { python3 -c 'import ensurepip, venv' >/dev/null 2>&1; }
+
+# package: check that proves it. The demo needs the first group; the tests need all of them.
+# (No sqlite3 CLI: the demo's ledger links SQLite through rusqlite's bundled build.)
+REQUIREMENTS=(
+  "protobuf-compiler:check_protoc"
+  "libprotobuf-dev:check_protoc_compiles"
+  "etcd-server:check_etcd"
+  "etcd-client:check_etcdctl"
+  "python3:check_python3"
+  "curl:check_curl"
+  "--tests--"
+  "prometheus:check_promtool"
+  "docker-compose:check_docker_compose"
+  "python3-venv:check_python3_venv"
+)
+
+# Prints the packages whose check fails. With `demo`, only the entries before "--tests--".
+missing_packages() {
+  local scope=${1:-tests} entry package check
+  for entry in "${REQUIREMENTS[@]}"; do
+    if [ "$entry" = "--tests--" ]; then
+      [ "$scope" = demo ] && break
+      continue
     fi
-    echo "==> installing schemathesis $SCHEMATHESIS_VERSION"
-    "$venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+    package=${entry%%:*}
+    check=${entry#*:}
+    "$check" || printf '%s\n' "$package"
+  done
+}
+
+# Installs every package whose check fails, then fails loudly (naming each package and its check)
+# if any check still fails: a half-installed machine never gets as far as a cryptic build error.
+ensure_packages() {
+  local scope=${1:-tests}
+  command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (https://rustup.rs), version $(rust_version_required) or later" >&2; exit 1; }
+  local missing
+  missing=$(missing_packages "$scope" | tr '\n' ' ')
+  if [ -n "${missing// /}" ]; then
+    echo "==> installing ${missing}"
+    as_root apt-get update -qq
+    # shellcheck disable=SC2086 # one word per package
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends $missing >/dev/null
   fi
+  # Debian's etcd-server may start a system etcd on 2379; we never use it (tests pick free ports).
+  verify_packages "$scope"
+}
+
+# Fails, naming the package, for every requirement whose check still fails.
+verify_packages() {
+  local scope=${1:-tests} entry package check failed=0
+  for entry in "${REQUIREMENTS[@]}"; do
+    if [ "$entry" = "--tests--" ]; then
+      [ "$scope" = demo ] && break
+      continue
+    fi
+    package=${entry%%:*}
+    check=${entry#*:}
+    if ! "$check"; then
+      echo "missing after installation: package '$package' (check '$check' fails)" >&2
+      failed=1
+    fi
+  done
+  if [ "$failed" -ne 0 ]; then
+    echo "install the packages named above (apt-get install $(missing_packages "$scope" | tr '\n' ' ')) and run this again" >&2
+    exit 1
+  fi
+}
+
+# Python tools, pinned, in a venv under target/ so they never touch the system Python and do not
+# depend on which python3 comes first on PATH (pyenv's or Debian's): schemathesis for the OpenAPI
+# fuzzing test, PyYAML for the compose checks. Exports LEASEHOLD_PYTHON and LEASEHOLD_SCHEMATHESIS
+# for the tests.
+SCHEMATHESIS_VERSION=4.32.5
+PYYAML_VERSION=6.0.2
+ensure_python_tools() {
+  local venv=target/tools/py-schemathesis-$SCHEMATHESIS_VERSION-pyyaml-$PYYAML_VERSION
+  if ! "$venv/bin/python" -c 'import yaml, schemathesis' >/dev/null 2>&1; then
+    rm -rf "$venv"
+    echo "==> installing schemathesis $SCHEMATHESIS_VERSION and PyYAML $PYYAML_VERSION into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check \
+      "schemathesis==$SCHEMATHESIS_VERSION" "PyYAML==$PYYAML_VERSION"
+  fi
+  "$venv/bin/python" -c 'import yaml, schemathesis' || { echo "the Python tools venv $venv is broken; delete it and run again" >&2; exit 1; }
+  export LEASEHOLD_PYTHON="$PWD/$venv/bin/python"
   export LEASEHOLD_SCHEMATHESIS="$PWD/$venv/bin/schemathesis"
 }
-

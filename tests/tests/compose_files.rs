@@ -108,8 +108,14 @@ fn have_promtool() -> bool {
     have_tool("promtool", &["--version"], "prometheus")
 }
 
+/// The Python with PyYAML: `LEASEHOLD_PYTHON` (scripts/test points it at its pinned tools venv),
+/// else `python3` on PATH.
+fn python() -> String {
+    std::env::var("LEASEHOLD_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
 fn have_yaml() -> bool {
-    have_tool("python3", &["-c", "import yaml"], "python3-yaml")
+    have_tool(&python(), &["-c", "import yaml"], "python3-yaml")
 }
 
 /// Runs `cmd`, feeding it `stdin`; panics with its output unless it exits 0. Returns stdout.
@@ -147,7 +153,7 @@ fn run(cmd: &mut Command, stdin: Option<&str>) -> String {
 /// YAML text → JSON value, through Python's yaml module (serde_yaml is not in the workspace).
 fn yaml_to_json(yaml: &str) -> Value {
     let json = run(
-        Command::new("python3").args([
+        Command::new(python()).args([
             "-c",
             "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)",
         ]),
