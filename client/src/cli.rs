@@ -11,7 +11,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::json;
 
-use crate::{Client, Error, FencingToken, LeaseId, LockGuard, RetryPolicy};
+use crate::{Client, Error, FencingToken, Handle, LeaseId, LockGuard, RetryPolicy};
 
 /// `lock`: CMD could not be started.
 pub const EXIT_CMD_NOT_STARTED: u8 = 127;
@@ -61,6 +61,13 @@ pub struct Cli {
     /// Bound on each HTTP attempt (not counting the wait in line).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, global = true)]
     pub request_timeout: Duration,
+    /// File holding the bearer token for servers that require one (the server's auth, not a
+    /// fencing token).
+    #[arg(long, env = "LEASEHOLD_TOKEN_FILE", global = true, value_name = "PATH")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// PEM file of the CA that signed the servers' certificates (for https:// endpoints).
+    #[arg(long, env = "LEASEHOLD_CA_FILE", global = true, value_name = "PATH")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -78,8 +85,9 @@ pub enum Output {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run CMD while holding lock NAME; CMD gets LEASEHOLD_LOCK, LEASEHOLD_TOKEN and
-    /// LEASEHOLD_LEASE_ID in its environment. If the hold is lost, CMD is terminated.
+    /// Run CMD while holding lock NAME; CMD gets LEASEHOLD_LOCK, LEASEHOLD_TOKEN,
+    /// LEASEHOLD_LEASE_ID and LEASEHOLD_HANDLE in its environment. If the hold is lost, CMD is
+    /// terminated.
     #[command(
         after_help = "Example:\n  leasehold lock reports --ttl 10s --wait 30s -- sh -c 'echo \"token $LEASEHOLD_TOKEN\"; ./make-reports'"
     )]
@@ -89,13 +97,17 @@ pub enum Command {
         /// The lock name.
         name: String,
     },
-    /// Release lock NAME held with token N (e.g. after a crashed holder).
+    /// Release lock NAME held with token N under the lease whose handle is in LEASEHOLD_HANDLE
+    /// (or --handle-file).
     Release {
         /// The lock name.
         name: String,
         /// The holder's fencing token.
         #[arg(long)]
         token: u64,
+        /// Where the lease's handle is.
+        #[command(flatten)]
+        handle: HandleArgs,
     },
     /// Grant, refresh, revoke or show a lease.
     #[command(subcommand)]
@@ -124,10 +136,36 @@ pub struct LockArgs {
     pub command: Vec<String>,
 }
 
+/// Where a lease's handle comes from: never the command line.
+#[derive(Debug, Args)]
+pub struct HandleArgs {
+    /// File holding the lease's handle (default: the LEASEHOLD_HANDLE environment variable).
+    #[arg(long, value_name = "PATH")]
+    pub handle_file: Option<std::path::PathBuf>,
+}
+
+impl HandleArgs {
+    /// The handle, from the file or `LEASEHOLD_HANDLE`.
+    pub fn handle(&self) -> Result<Handle, Error> {
+        let text = match &self.handle_file {
+            Some(path) => std::fs::read_to_string(path).map_err(|err| {
+                Error::client_input(format!("reading the handle from {}: {err}", path.display()))
+            })?,
+            None => std::env::var("LEASEHOLD_HANDLE").map_err(|_| {
+                Error::client_input(
+                    "this needs the lease's handle: set LEASEHOLD_HANDLE or pass --handle-file",
+                )
+            })?,
+        };
+        Ok(Handle::new(text))
+    }
+}
+
 /// `leasehold lease ...`.
 #[derive(Debug, Subcommand)]
 pub enum LeaseCommand {
-    /// Grant a lease and print its id; it expires after TTL unless kept alive.
+    /// Grant a lease and print `export LEASEHOLD_LEASE_ID=...` and `export LEASEHOLD_HANDLE=...`
+    /// (for `eval`); it expires after TTL unless kept alive.
     Grant {
         /// The TTL (etcd minimum 2s).
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
@@ -140,11 +178,18 @@ pub enum LeaseCommand {
     Keepalive {
         /// The lease id.
         id: String,
+        /// Where the lease's handle is.
+        #[command(flatten)]
+        handle: HandleArgs,
     },
-    /// Revoke a lease, freeing every lock held or awaited under it.
+    /// Revoke a lease, freeing every lock held or awaited under it. Revoking a lease that is
+    /// already gone succeeds.
     Revoke {
         /// The lease id.
         id: String,
+        /// Where the lease's handle is.
+        #[command(flatten)]
+        handle: HandleArgs,
     },
     /// Show a lease: TTL, time left, owner, locks held.
     Show {
@@ -171,12 +216,7 @@ pub fn main() -> ExitCode {
 
 /// Runs a parsed command line; returns the exit code.
 pub async fn run(cli: Cli) -> u8 {
-    let client = match Client::builder()
-        .endpoints(cli.endpoints.iter().filter(|e| !e.is_empty()))
-        .request_timeout(cli.request_timeout)
-        .retry_policy(RetryPolicy::default())
-        .build()
-    {
+    let client = match build_client(&cli) {
         Ok(client) => client,
         Err(err) => return fail(&err),
     };
@@ -201,13 +241,20 @@ pub async fn run(cli: Cli) -> u8 {
                 s.name, s.waiters
             )
         }),
-        Command::Release { name, token } => client
-            .release(&name, FencingToken::new(token))
-            .await
-            .map(|()| match output {
-                Output::Json => json!({"name": name, "token": token, "released": true}).to_string(),
-                Output::Text => format!("released {name} (token {token})"),
-            }),
+        Command::Release {
+            name,
+            token,
+            handle,
+        } => async {
+            client
+                .release(&name, FencingToken::new(token), &handle.handle()?)
+                .await
+        }
+        .await
+        .map(|()| match output {
+            Output::Json => json!({"name": name, "token": token, "released": true}).to_string(),
+            Output::Text => format!("released {name} (token {token})"),
+        }),
         Command::Lease(command) => lease(&client, command, output).await,
     };
     match result {
@@ -225,23 +272,34 @@ async fn lease(client: &Client, command: LeaseCommand, output: Output) -> Result
             let lease = client.grant_lease_for(ttl, owner.clone()).await?;
             let ttl_ms = lease.ttl().as_millis() as u64;
             // The lease must outlive this process: stop keeping it alive, don't revoke it.
-            let id = lease.detach();
+            let (id, handle) = lease.detach();
             Ok(match output {
-                Output::Json => {
-                    json!({"lease_id": id, "ttl_ms": ttl_ms, "owner": owner}).to_string()
-                }
-                Output::Text => id.to_string(),
+                Output::Json => json!({
+                    "lease_id": id,
+                    "handle": handle.reveal(),
+                    "ttl_ms": ttl_ms,
+                    "owner": owner
+                })
+                .to_string(),
+                Output::Text => format!(
+                    "export LEASEHOLD_LEASE_ID={id}\nexport LEASEHOLD_HANDLE={}",
+                    handle.reveal()
+                ),
             })
         }
-        LeaseCommand::Keepalive { id } => {
-            let ttl_ms = client.keep_lease_alive(&LeaseId::new(&id)).await?;
+        LeaseCommand::Keepalive { id, handle } => {
+            let ttl_ms = client
+                .keep_lease_alive(&LeaseId::new(&id), &handle.handle()?)
+                .await?;
             Ok(match output {
                 Output::Json => json!({"lease_id": id, "ttl_ms": ttl_ms}).to_string(),
                 Output::Text => format!("{id} refreshed to {ttl_ms} ms"),
             })
         }
-        LeaseCommand::Revoke { id } => {
-            client.revoke_lease(&LeaseId::new(&id)).await?;
+        LeaseCommand::Revoke { id, handle } => {
+            client
+                .revoke_lease(&LeaseId::new(&id), &handle.handle()?)
+                .await?;
             Ok(match output {
                 Output::Json => json!({"lease_id": id, "revoked": true}).to_string(),
                 Output::Text => format!("revoked {id}"),
@@ -266,6 +324,27 @@ async fn lease(client: &Client, command: LeaseCommand, output: Output) -> Result
             })
         }
     }
+}
+
+/// The client the global flags describe.
+fn build_client(cli: &Cli) -> Result<Client, Error> {
+    let mut builder = Client::builder()
+        .endpoints(cli.endpoints.iter().filter(|e| !e.is_empty()))
+        .request_timeout(cli.request_timeout)
+        .retry_policy(RetryPolicy::default());
+    if let Some(path) = &cli.token_file {
+        let token = std::fs::read_to_string(path).map_err(|err| {
+            Error::client_input(format!("reading the token file {}: {err}", path.display()))
+        })?;
+        builder = builder.bearer_token(token);
+    }
+    if let Some(path) = &cli.ca_file {
+        let pem = std::fs::read(path).map_err(|err| {
+            Error::client_input(format!("reading the CA file {}: {err}", path.display()))
+        })?;
+        builder = builder.root_certificate_pem(pem);
+    }
+    builder.build()
 }
 
 /// Prints `err` and picks its exit code.
@@ -303,6 +382,7 @@ async fn lock(client: &Client, args: LockArgs) -> u8 {
         .env("LEASEHOLD_LOCK", &args.name)
         .env("LEASEHOLD_TOKEN", guard.token().to_string())
         .env("LEASEHOLD_LEASE_ID", guard.lease_id().as_str())
+        .env("LEASEHOLD_HANDLE", guard.handle().reveal())
         .process_group(0)
         .spawn();
     let mut child = match child {

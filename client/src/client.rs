@@ -9,6 +9,10 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::error::{Error, from_response};
+use crate::lease::Handle;
+
+/// The request header that carries a lease's handle.
+pub(crate) const HANDLE_HEADER: &str = "Leasehold-Handle";
 
 /// How hard to retry a request before giving up.
 ///
@@ -53,6 +57,8 @@ pub struct ClientBuilder {
     connect_timeout: Duration,
     retry: RetryPolicy,
     safety_margin: Option<Duration>,
+    bearer_token: Option<Secret>,
+    root_certificates: Vec<Vec<u8>>,
 }
 
 impl Default for ClientBuilder {
@@ -63,16 +69,48 @@ impl Default for ClientBuilder {
             connect_timeout: Duration::from_secs(1),
             retry: RetryPolicy::default(),
             safety_margin: None,
+            bearer_token: None,
+            root_certificates: Vec::new(),
         }
     }
 }
 
+/// A string that must not show up in logs: `Debug` prints a placeholder.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Secret(pub(crate) String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<secret>")
+    }
+}
+
 impl ClientBuilder {
-    /// Adds a server endpoint (`http://host:port`); add several for fail-over, in order of
-    /// preference.
+    /// Adds a server endpoint (`http://host:port`, `https://host:port`, or a bare `host:port`,
+    /// which means `http://`); add several for fail-over, in order of preference.
     pub fn endpoint(mut self, url: impl Into<String>) -> Self {
-        self.endpoints
-            .push(url.into().trim_end_matches('/').to_owned());
+        let url = url.into();
+        let url = url.trim().trim_end_matches('/');
+        let url = if url.contains("://") {
+            url.to_owned()
+        } else {
+            format!("http://{url}")
+        };
+        self.endpoints.push(url);
+        self
+    }
+
+    /// The bearer token sent as `Authorization: Bearer <token>` (servers with an auth file
+    /// require one).
+    pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
+        self.bearer_token = Some(Secret(token.into().trim().to_owned()));
+        self
+    }
+
+    /// Trusts this CA certificate (PEM) for `https://` endpoints, besides nothing else: for
+    /// servers with a certificate of a private CA.
+    pub fn root_certificate_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certificates.push(pem.into());
         self
     }
 
@@ -128,11 +166,17 @@ impl ClientBuilder {
         // One pooled HTTP/1.1 client: connections stay open between renewals (no handshake
         // per request), and a request can be abandoned by closing its connection, which the
         // server takes as "stop waiting".
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .http1_only()
             .connect_timeout(self.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
+            .tcp_nodelay(true);
+        for pem in &self.root_certificates {
+            let certificate = reqwest::Certificate::from_pem(pem)
+                .map_err(|err| Error::client_input(format!("CA certificate: {err}")))?;
+            http = http.tls_certs_only([certificate]);
+        }
+        let http = http
             .build()
             .map_err(|err| Error::client_input(format!("HTTP client: {err}")))?;
         Ok(Client {
@@ -143,6 +187,7 @@ impl ClientBuilder {
                 request_timeout: self.request_timeout,
                 retry: self.retry,
                 safety_margin: self.safety_margin,
+                bearer_token: self.bearer_token,
             }),
         })
     }
@@ -164,15 +209,7 @@ pub(crate) struct Inner {
     pub(crate) request_timeout: Duration,
     retry: RetryPolicy,
     pub(crate) safety_margin: Option<Duration>,
-}
-
-/// Whether a request may be sent again after it may have reached the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Idempotent {
-    /// Yes: repeating it has the same effect (keep-alive, renew, acquire with a lease id...).
-    Yes,
-    /// No: only retry when it surely never left (connection refused) or the server said 503.
-    No,
+    bearer_token: Option<Secret>,
 }
 
 impl Client {
@@ -199,10 +236,10 @@ impl Client {
         &self,
         method: Method,
         path: &str,
-        idempotent: Idempotent,
+        handle: Option<&Handle>,
         attempt: impl Fn() -> (Option<Value>, Duration),
     ) -> Result<T, Error> {
-        let bytes = self.call_raw(method, path, idempotent, attempt).await?;
+        let bytes = self.call_raw(method, path, handle, attempt).await?;
         let bytes = if bytes.is_empty() {
             &b"null"[..]
         } else {
@@ -219,7 +256,7 @@ impl Client {
         &self,
         method: Method,
         path: &str,
-        idempotent: Idempotent,
+        handle: Option<&Handle>,
         attempt: impl Fn() -> (Option<Value>, Duration),
     ) -> Result<Vec<u8>, Error> {
         let inner = &self.inner;
@@ -242,6 +279,12 @@ impl Client {
                 .timeout(inner.request_timeout + extra);
             if let Some(body) = body {
                 request = request.json(&body);
+            }
+            if let Some(handle) = handle {
+                request = request.header(HANDLE_HEADER, handle.reveal());
+            }
+            if let Some(token) = &inner.bearer_token {
+                request = request.bearer_auth(&token.0);
             }
             if let Some(traceparent) = crate::trace::traceparent() {
                 request = request.header("traceparent", traceparent);
@@ -267,20 +310,16 @@ impl Client {
                     return Err(from_response(status, &bytes));
                 }
                 Err(err) => {
-                    // A refused connection never reached the server: always safe to resend.
-                    // Anything later (timeout, reset mid-answer) may have acted; resend only
-                    // what is idempotent.
-                    let retry = err.is_connect() || idempotent == Idempotent::Yes;
-                    tracing::debug!(%endpoint, %path, error = %err, retry, "request failed");
-                    let error = Error::Transport {
+                    // Every request this client sends is safe to resend, even after a timeout
+                    // or a reset mid-answer that may have acted: lease grants carry the
+                    // client's handle (a resend finds the same lease), acquires resume the same
+                    // waiter, and the server fences releases against later re-acquires.
+                    tracing::debug!(%endpoint, %path, error = %err, "request failed; trying the next endpoint");
+                    last_error = Some(Error::Transport {
                         endpoint: endpoint.clone(),
                         message: describe(&err),
                         source: Box::new(err),
-                    };
-                    if !retry {
-                        return Err(error);
-                    }
-                    last_error = Some(error);
+                    });
                 }
             }
         }

@@ -46,6 +46,26 @@ pub enum Error {
         /// What was wrong.
         message: String,
     },
+    /// `401 unauthorized`: the server requires a bearer token and got none, or an unknown one.
+    #[error("unauthorized: {message}")]
+    Unauthorized {
+        /// The server's message.
+        message: String,
+    },
+    /// `403 forbidden`: a missing or wrong lease handle, or a lock name outside this tenant's
+    /// prefix. Nothing was changed.
+    #[error("forbidden: {message}")]
+    Forbidden {
+        /// The server's message.
+        message: String,
+    },
+    /// `429 quota_exceeded`: a tenant quota (live leases, waiters per lock, TTL) would be
+    /// exceeded. Nothing was granted.
+    #[error("quota exceeded: {message}")]
+    QuotaExceeded {
+        /// The server's message.
+        message: String,
+    },
     /// `503` from every endpoint tried (etcd unreachable, or replicas shutting down).
     #[error("leasehold unavailable ({code}): {message}")]
     Unavailable {
@@ -136,6 +156,9 @@ pub(crate) fn from_response(status: u16, body: &[u8]) -> Error {
             }),
         },
         (409, "not_holder") => Error::NotHolder,
+        (401, "unauthorized") => Error::Unauthorized { message },
+        (403, "forbidden") => Error::Forbidden { message },
+        (429, "quota_exceeded") => Error::QuotaExceeded { message },
         (404, "lease_not_found") => Error::LeaseNotFound,
         (404, "not_found") => Error::NotFound { message },
         (
@@ -185,6 +208,15 @@ mod tests {
         assert!(matches!(map(404, "lease_not_found"), Error::LeaseNotFound));
         assert!(matches!(map(404, "not_found"), Error::NotFound { .. }));
         assert!(matches!(map(409, "not_holder"), Error::NotHolder));
+        assert!(matches!(
+            map(401, "unauthorized"),
+            Error::Unauthorized { .. }
+        ));
+        assert!(matches!(map(403, "forbidden"), Error::Forbidden { .. }));
+        assert!(matches!(
+            map(429, "quota_exceeded"),
+            Error::QuotaExceeded { .. }
+        ));
         assert!(matches!(
             map(409, "lock_held"),
             Error::LockHeld { holder: None }

@@ -9,9 +9,44 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::client::{Client, Idempotent, humantime_ms};
+use crate::client::{Client, Secret, humantime_ms};
 use crate::error::Error;
 use crate::hold::{HoldWatch, Keeper, LostReason, RenewFn};
+
+/// A lease's handle: the secret that every operation on the lease, and on locks held under it,
+/// needs. The lease id is public (others see it in lock status); the handle is not. `Debug`
+/// never prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handle(Secret);
+
+impl Handle {
+    /// A new random handle (192 bits). Granting a lease with a handle chosen here is what makes
+    /// the grant safe to retry on another replica after a timeout.
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; 24];
+        aws_lc_rs::rand::fill(&mut bytes).expect("the system random source works");
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut text = String::with_capacity(32);
+        for chunk in bytes.chunks(3) {
+            let n = u32::from(chunk[0]) << 16 | u32::from(chunk[1]) << 8 | u32::from(chunk[2]);
+            for shift in [18, 12, 6, 0] {
+                text.push(ALPHABET[(n >> shift & 63) as usize] as char);
+            }
+        }
+        Self(Secret(text))
+    }
+
+    /// Wraps a handle as printed by `leasehold lease grant` or returned by the server.
+    pub fn new(handle: impl Into<String>) -> Self {
+        Self(Secret(handle.into().trim().to_owned()))
+    }
+
+    /// The secret itself, to pass to another process (keep it out of logs and command lines).
+    pub fn reveal(&self) -> &str {
+        &self.0.0
+    }
+}
 
 /// A lease id: 16 hex digits, opaque.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -72,6 +107,7 @@ struct KeptAlive {
 pub struct Lease {
     client: Client,
     id: LeaseId,
+    handle: Handle,
     keeper: Keeper,
     /// False once revoked or detached: nothing left to do on drop.
     armed: bool,
@@ -95,26 +131,26 @@ impl Client {
         if let Some(owner) = owner {
             body["owner"] = owner.into();
         }
-        // Not idempotent: a resent grant may create a second lease. One nobody keeps alive
-        // expires by itself after its TTL, so that is tolerable; a refused connection is not
-        // even that.
+        // Idempotent: the handle is chosen here and names the lease, so a grant resent after a
+        // timeout (on any replica) finds the lease its first attempt made.
+        let handle = Handle::generate();
         let granted: Granted = self
-            .call(Method::POST, "/v1/leases", Idempotent::No, || {
+            .call(Method::POST, "/v1/leases", Some(&handle), || {
                 (Some(body.clone()), Duration::ZERO)
             })
             .await?;
-        Ok(self.keep(granted, sent))
+        Ok(self.keep(granted, handle, sent))
     }
 
     /// Starts keeping a just-granted lease alive.
-    fn keep(&self, granted: Granted, sent: Instant) -> Lease {
+    fn keep(&self, granted: Granted, handle: Handle, sent: Instant) -> Lease {
         let renew: RenewFn = Arc::new({
-            let (client, id) = (self.clone(), granted.lease_id.clone());
+            let (client, id, handle) = (self.clone(), granted.lease_id.clone(), handle.clone());
             move || {
-                let (client, id) = (client.clone(), id.clone());
+                let (client, id, handle) = (client.clone(), id.clone(), handle.clone());
                 Box::pin(async move {
                     client
-                        .keep_lease_alive(&id)
+                        .keep_lease_alive(&id, &handle)
                         .await
                         .map(Duration::from_millis)
                 })
@@ -129,39 +165,54 @@ impl Client {
         Lease {
             client: self.clone(),
             id: granted.lease_id,
+            handle,
             keeper,
             armed: true,
         }
     }
 
     /// Refreshes lease `id` once; returns its TTL in milliseconds.
-    pub async fn keep_lease_alive(&self, id: &LeaseId) -> Result<u64, Error> {
-        let path = format!("/v1/leases/{}/keepalive", id.as_str());
+    pub async fn keep_lease_alive(&self, id: &LeaseId, handle: &Handle) -> Result<u64, Error> {
+        let path = format!("/v1/leases/{}/keepalive", path_segment(id)?);
         let kept: KeptAlive = self
-            .call(Method::POST, &path, Idempotent::Yes, || {
-                (None, Duration::ZERO)
-            })
+            .call(Method::POST, &path, Some(handle), || (None, Duration::ZERO))
             .await?;
         Ok(kept.ttl_ms)
     }
 
     /// What the server knows about lease `id`.
     pub async fn lease_info(&self, id: &LeaseId) -> Result<LeaseInfo, Error> {
-        let path = format!("/v1/leases/{}", id.as_str());
-        self.call(Method::GET, &path, Idempotent::Yes, || {
-            (None, Duration::ZERO)
-        })
-        .await
+        let path = format!("/v1/leases/{}", path_segment(id)?);
+        self.call(Method::GET, &path, None, || (None, Duration::ZERO))
+            .await
     }
 
-    /// Revokes lease `id`, freeing every lock held or awaited under it.
-    pub async fn revoke_lease(&self, id: &LeaseId) -> Result<(), Error> {
-        let path = format!("/v1/leases/{}", id.as_str());
-        self.call::<serde_json::Value>(Method::DELETE, &path, Idempotent::Yes, || {
-            (None, Duration::ZERO)
-        })
-        .await
-        .map(drop)
+    /// Revokes lease `id`, freeing every lock held or awaited under it. A lease that is already
+    /// gone counts as revoked (a retried revoke must not fail).
+    pub async fn revoke_lease(&self, id: &LeaseId, handle: &Handle) -> Result<(), Error> {
+        let path = format!("/v1/leases/{}", path_segment(id)?);
+        match self
+            .call::<serde_json::Value>(Method::DELETE, &path, Some(handle), || {
+                (None, Duration::ZERO)
+            })
+            .await
+        {
+            Err(Error::LeaseNotFound) => Ok(()),
+            other => other.map(drop),
+        }
+    }
+}
+
+/// A lease id as a path segment: 1 to 16 hex digits, refused otherwise (so that an id such as
+/// `../../healthz` never turns into another request).
+fn path_segment(id: &LeaseId) -> Result<&str, Error> {
+    let text = id.as_str();
+    if (1..=16).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(text)
+    } else {
+        Err(Error::client_input(format!(
+            "{text:?} is not a lease id (1 to 16 hex digits)"
+        )))
     }
 }
 
@@ -169,6 +220,12 @@ impl Lease {
     /// The lease id.
     pub fn id(&self) -> &LeaseId {
         &self.id
+    }
+
+    /// The lease's handle (secret): what another process needs to renew or release holds under
+    /// it, or to keep it alive.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
     }
 
     /// The TTL the server last confirmed.
@@ -205,18 +262,15 @@ impl Lease {
     pub async fn revoke(mut self) -> Result<(), Error> {
         self.armed = false;
         self.keeper.end(LostReason::Released);
-        match self.client.revoke_lease(&self.id).await {
-            Err(Error::LeaseNotFound) => Ok(()),
-            other => other,
-        }
+        self.client.revoke_lease(&self.id, &self.handle).await
     }
 
     /// Stops keeping the lease alive and forgets it without revoking: it expires after its TTL
-    /// unless someone else (e.g. `leasehold lease keepalive`) refreshes it.
-    pub fn detach(mut self) -> LeaseId {
+    /// unless someone else (e.g. `leasehold lease keepalive`) refreshes it with the handle.
+    pub fn detach(mut self) -> (LeaseId, Handle) {
         self.armed = false;
         self.keeper.end(LostReason::Released);
-        self.id.clone()
+        (self.id.clone(), self.handle.clone())
     }
 }
 
@@ -229,9 +283,9 @@ impl Drop for Lease {
         // Revoke in the background so dropping frees the locks now, not after the TTL. Without
         // a runtime the lease simply expires.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (client, id) = (self.client.clone(), self.id.clone());
+            let (client, id, handle) = (self.client.clone(), self.id.clone(), self.handle.clone());
             runtime.spawn(async move {
-                if let Err(err) = client.revoke_lease(&id).await {
+                if let Err(err) = client.revoke_lease(&id, &handle).await {
                     tracing::debug!(error = %err, lease = %id, "revoking a dropped lease failed");
                 }
             });

@@ -47,6 +47,6 @@ mod trace;
 pub use client::{Client, ClientBuilder, RetryPolicy};
 pub use error::Error;
 pub use hold::LostReason;
-pub use lease::{Lease, LeaseId, LeaseInfo};
+pub use lease::{Handle, Lease, LeaseId, LeaseInfo};
 pub use lock::{DEFAULT_TTL, Holder, LockBuilder, LockGuard, LockStatus};
 pub use token::FencingToken;

@@ -8,10 +8,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::client::{Client, Idempotent, encode, humantime_ms};
+use crate::client::{Client, encode, humantime_ms};
 use crate::error::Error;
 use crate::hold::{HoldWatch, Keeper, LostReason, RenewFn};
-use crate::lease::{Lease, LeaseId};
+use crate::lease::{Handle, Lease, LeaseId};
 use crate::token::FencingToken;
 
 /// The TTL of the lease a lock gets when neither `.ttl()` nor `.lease()` is given.
@@ -69,19 +69,23 @@ impl Client {
     /// Who holds lock `name` and how many wait.
     pub async fn status(&self, name: &str) -> Result<LockStatus, Error> {
         let path = format!("/v1/locks/{}", encode(name));
-        self.call(Method::GET, &path, Idempotent::Yes, || {
-            (None, Duration::ZERO)
-        })
-        .await
+        self.call(Method::GET, &path, None, || (None, Duration::ZERO))
+            .await
     }
 
-    /// Releases lock `name` if `token` holds it (for tools; a [`LockGuard`] releases itself).
-    pub async fn release(&self, name: &str, token: FencingToken) -> Result<(), Error> {
+    /// Releases lock `name` if `token` holds it under the lease `handle` names (for tools; a
+    /// [`LockGuard`] releases itself).
+    pub async fn release(
+        &self,
+        name: &str,
+        token: FencingToken,
+        handle: &Handle,
+    ) -> Result<(), Error> {
         let path = format!("/v1/locks/{}/release", encode(name));
         let body = json!({ "token": token });
-        // Resending is safe: a token never holds again once released. (If the first attempt
-        // released and only its answer was lost, the resend answers `not_holder`.)
-        self.call::<serde_json::Value>(Method::POST, &path, Idempotent::Yes, || {
+        // Resending is safe: the server fences a release against a later re-acquire, and a
+        // release whose first attempt went unanswered and then finds the hold gone succeeds.
+        self.call::<serde_json::Value>(Method::POST, &path, Some(handle), || {
             (Some(body.clone()), Duration::ZERO)
         })
         .await
@@ -89,11 +93,16 @@ impl Client {
     }
 
     /// Extends the lease holding `name` if `token` still holds it; returns the TTL.
-    pub async fn renew(&self, name: &str, token: FencingToken) -> Result<Duration, Error> {
+    pub async fn renew(
+        &self,
+        name: &str,
+        token: FencingToken,
+        handle: &Handle,
+    ) -> Result<Duration, Error> {
         let path = format!("/v1/locks/{}/renew", encode(name));
         let body = json!({ "token": token });
         let renewed: Renewed = self
-            .call(Method::POST, &path, Idempotent::Yes, || {
+            .call(Method::POST, &path, Some(handle), || {
                 (Some(body.clone()), Duration::ZERO)
             })
             .await?;
@@ -160,18 +169,28 @@ impl<'a> LockBuilder<'a> {
         if self.name.is_empty() {
             return Err(Error::client_input("lock name is empty"));
         }
-        let (lease_id, lease_watch, mut owned) = match self.lease {
-            Some(lease) => (lease.id().clone(), lease.watch(), None),
+        let (lease_id, handle, lease_watch, mut owned) = match self.lease {
+            Some(lease) => (
+                lease.id().clone(),
+                lease.handle().clone(),
+                lease.watch(),
+                None,
+            ),
             None => {
                 let lease = self
                     .client
                     .grant_lease_for(self.ttl.unwrap_or(DEFAULT_TTL), self.owner.clone())
                     .await?;
-                (lease.id().clone(), lease.watch(), Some(lease))
+                (
+                    lease.id().clone(),
+                    lease.handle().clone(),
+                    lease.watch(),
+                    Some(lease),
+                )
             }
         };
         let result = tokio::select! {
-            result = self.request(&lease_id) => result,
+            result = self.request(&lease_id, &handle) => result,
             // Our lease died while we waited: nothing granted now could be kept anyway.
             reason = lease_watch.lost() => Err(Error::LeaseLost(reason)),
         };
@@ -193,10 +212,15 @@ impl<'a> LockBuilder<'a> {
             lease.pause_keepalive();
         }
         let renew: RenewFn = Arc::new({
-            let (client, name, token) = (self.client.clone(), self.name.clone(), acquired.token);
+            let (client, name, token, handle) = (
+                self.client.clone(),
+                self.name.clone(),
+                acquired.token,
+                handle.clone(),
+            );
             move || {
-                let (client, name) = (client.clone(), name.clone());
-                Box::pin(async move { client.renew(&name, token).await })
+                let (client, name, handle) = (client.clone(), name.clone(), handle.clone());
+                Box::pin(async move { client.renew(&name, token, &handle).await })
             }
         });
         let keeper = Keeper::start(
@@ -210,6 +234,7 @@ impl<'a> LockBuilder<'a> {
             name: self.name,
             token: acquired.token,
             lease_id,
+            handle,
             owner: acquired.owner,
             keeper,
             shared_lease: owned.is_none().then_some(lease_watch),
@@ -220,13 +245,13 @@ impl<'a> LockBuilder<'a> {
 
     /// The acquire request, resent (with the wait left) after timeouts, fail-overs, and the one
     /// early `lock_held` a resumed wait can get when the server cleans up the abandoned attempt.
-    async fn request(&self, lease_id: &LeaseId) -> Result<Acquired, Error> {
+    async fn request(&self, lease_id: &LeaseId, handle: &Handle) -> Result<Acquired, Error> {
         let path = format!("/v1/locks/{}/acquire", encode(&self.name));
         let deadline = Instant::now() + self.wait;
         loop {
             let result = self
                 .client
-                .call(Method::POST, &path, Idempotent::Yes, || {
+                .call(Method::POST, &path, Some(handle), || {
                     let remaining = deadline.saturating_duration_since(Instant::now());
                     let mut body = json!({
                         "lease_id": lease_id,
@@ -264,6 +289,7 @@ pub struct LockGuard {
     name: String,
     token: FencingToken,
     lease_id: LeaseId,
+    handle: Handle,
     owner: Option<String>,
     keeper: Keeper,
     /// The caller's lease, when the lock was taken under one: its loss is ours.
@@ -287,6 +313,12 @@ impl LockGuard {
     /// The lease the lock is held under.
     pub fn lease_id(&self) -> &LeaseId {
         &self.lease_id
+    }
+
+    /// The handle of that lease (secret): with it and the token, another process can renew or
+    /// release this hold.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
     }
 
     /// Who holds it, as the server recorded.
@@ -323,7 +355,10 @@ impl LockGuard {
     pub async fn release(mut self) -> Result<(), Error> {
         self.released = true;
         self.keeper.end(LostReason::Released);
-        let result = self.client.release(&self.name, self.token).await;
+        let result = self
+            .client
+            .release(&self.name, self.token, &self.handle)
+            .await;
         if let Some(lease) = self.owned_lease.take() {
             // Also frees the lock if the release could not get through.
             if let Err(err) = lease.revoke().await {
@@ -337,13 +372,17 @@ impl LockGuard {
     /// expires (one TTL from the last renewal), unless someone renews it by hand with
     /// [`Client::renew`] and the returned token. For handing a hold to another process, and for
     /// simulating a holder that stalls (a GC pause): its token is still the one to fence with.
-    pub fn detach(mut self) -> (String, FencingToken) {
+    pub fn detach(mut self) -> (String, FencingToken, Handle) {
         self.released = true;
         self.keeper.end(LostReason::Released);
         if let Some(lease) = self.owned_lease.take() {
             let _ = lease.detach();
         }
-        (std::mem::take(&mut self.name), self.token)
+        (
+            std::mem::take(&mut self.name),
+            self.token,
+            self.handle.clone(),
+        )
     }
 }
 
@@ -358,9 +397,14 @@ impl Drop for LockGuard {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (client, name, token) = (self.client.clone(), self.name.clone(), self.token);
+            let (client, name, token, handle) = (
+                self.client.clone(),
+                self.name.clone(),
+                self.token,
+                self.handle.clone(),
+            );
             runtime.spawn(async move {
-                if let Err(err) = client.release(&name, token).await {
+                if let Err(err) = client.release(&name, token, &handle).await {
                     tracing::debug!(error = %err, lock = %name, "releasing a dropped guard failed");
                 }
             });

@@ -360,7 +360,7 @@ pub async fn start_stalls(
             .is_none();
         anyhow::ensure!(unsold, "seat {seat} was sold before the run started");
         // The pause begins: no renewal from here on, but the buyer still has its token.
-        let (_, stale_token) = guard.detach();
+        let (_, stale_token, _) = guard.detach();
         let paused_at = Instant::now();
         let shop = shop.clone();
         let ttl = options.stall_ttl;

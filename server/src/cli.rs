@@ -46,6 +46,10 @@ pub struct Args {
     /// Time a client has to send its request headers (humantime).
     #[arg(long, env = "LEASEHOLD_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_timeout: Duration,
+    /// Bearer tokens and tenants (JSON; re-read on SIGHUP). Without it, authentication is off:
+    /// anyone who can reach the server may use every lock name (fine on loopback).
+    #[arg(long, env = "LEASEHOLD_AUTH_FILE")]
+    pub auth_file: Option<std::path::PathBuf>,
     /// Log format. Filter with RUST_LOG (default: info). Traces are exported over OTLP when
     /// OTEL_EXPORTER_OTLP_ENDPOINT is set (OTEL_SERVICE_NAME defaults to leasehold-server).
     #[arg(long, env = "LEASEHOLD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -64,12 +68,16 @@ pub enum LogFormat {
 impl Args {
     /// The server configuration these flags describe.
     pub fn config(&self) -> Config {
-        Config::default()
+        let config = Config::default()
             .with_etcd_endpoints(self.etcd_endpoints.iter().cloned())
             .with_prefix(self.prefix.clone())
             .with_etcd_timeout(self.etcd_timeout)
             .with_limits(self.max_ttl, self.max_wait)
-            .with_connection_limits(self.max_connections, self.header_timeout)
+            .with_connection_limits(self.max_connections, self.header_timeout);
+        match &self.auth_file {
+            Some(path) => config.with_auth_file(path),
+            None => config,
+        }
     }
 }
 

@@ -5,13 +5,21 @@
 //! | key | value | attached to lease |
 //! |---|---|---|
 //! | `P/locks/{name}/q/{lease}` | JSON [`WaiterValue`] | `{lease}` |
+//! | `P/leases/{lease}/auth` | hex SHA-256 of tenant and handle (`handle.rs`) | `{lease}` |
 //! | `P/leases/{lease}/meta` | JSON [`LeaseMeta`] | `{lease}` |
-//! | `P/leases/{lease}/locks/{name}` | empty | `{lease}` |
+//! | `P/tenants/{tenant}/leases/{lease}` | empty | `{lease}` |
 //!
 //! - `{name}` is the lock name percent-encoded by [`LockName::encoded`]: every byte outside
 //!   `[A-Za-z0-9._~-]` becomes `%XX`, so the encoded name never contains `/` and lock `a` can
 //!   never share a key prefix with lock `a/b` (`a/` vs `a%2Fb/`).
-//! - `{lease}` is the etcd lease id as 16 lowercase hex digits ([`LeaseId`]'s `Display`).
+//! - `{lease}` is the etcd lease id as 16 lowercase hex digits ([`LeaseId`]'s `Display`). Leases
+//!   are granted under an id derived from their handle (see `handle.rs`).
+//! - The `auth` key is the lease's lock: every txn acting on the lease or a hold under it
+//!   compares it, and writing it (same value) is how a clean-up fences off a late request of the
+//!   lease (see `docs/design.md`, "Late writes"). A revoke first turns its value into the
+//!   "revoking" form, which every other operation refuses.
+//! - `{tenant}` is the tenant name, percent-encoded like lock names. The tenant's lease keys are
+//!   counted for its live-lease quota.
 //! - The waiter keys under `P/locks/{name}/q/` form the lock's FIFO queue, ordered by
 //!   `create_revision`; the first one holds the lock and its `create_revision` is the fencing
 //!   token. See `lock.rs` for the algorithm and `docs/design.md` for the argument.
@@ -155,6 +163,9 @@ pub struct LeaseMeta {
     /// The TTL etcd granted, in milliseconds. Kept so that an acquire on this lease can answer
     /// with the TTL in the same single round trip.
     pub ttl_ms: u64,
+    /// The tenant the lease belongs to.
+    #[serde(default)]
+    pub tenant: String,
 }
 
 /// Builds every etcd key Leasehold uses, under one prefix.
@@ -187,19 +198,34 @@ impl KeySchema {
         format!("{}{lease}", self.queue_prefix(name))
     }
 
-    /// `P/leases/{lease}/meta`: owner and granted TTL of a lease granted through Leasehold.
+    /// `P/leases/{lease}/meta`: owner, tenant and granted TTL of a lease.
     pub fn lease_meta_key(&self, lease: LeaseId) -> String {
         format!("{}/leases/{lease}/meta", self.prefix)
     }
 
-    /// `P/leases/{lease}/locks/`: index of the locks a lease holds or waits for.
-    pub fn lease_locks_prefix(&self, lease: LeaseId) -> String {
-        format!("{}/leases/{lease}/locks/", self.prefix)
+    /// `P/leases/{lease}/auth`: the digest of the lease's handle, compared by every txn that
+    /// acts on the lease.
+    pub fn auth_key(&self, lease: LeaseId) -> String {
+        format!("{}/leases/{lease}/auth", self.prefix)
     }
 
-    /// `P/leases/{lease}/locks/{name}`: one entry of that index.
-    pub fn lease_lock_key(&self, lease: LeaseId, name: &LockName) -> String {
-        format!("{}{}", self.lease_locks_prefix(lease), name.encoded())
+    /// `P/tenants/{tenant}/leases/`: the tenant's live leases, one key each (for its quota).
+    pub fn tenant_leases_prefix(&self, tenant: &str) -> String {
+        format!(
+            "{}/tenants/{}/leases/",
+            self.prefix,
+            utf8_percent_encode(tenant, NAME_ESCAPES)
+        )
+    }
+
+    /// `P/tenants/{tenant}/leases/{lease}`.
+    pub fn tenant_lease_key(&self, tenant: &str, lease: LeaseId) -> String {
+        format!("{}{lease}", self.tenant_leases_prefix(tenant))
+    }
+
+    /// The prefix itself (no trailing slash).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// The queue prefix a waiter key belongs to (everything up to its last `/`), used to route
@@ -252,7 +278,6 @@ mod tests {
             let lease = LeaseId::from_etcd(7).unwrap();
             prop_assert!(!keys.waiter_key(&b, lease).starts_with(&keys.queue_prefix(&a)));
             prop_assert!(!keys.queue_prefix(&b).starts_with(&keys.queue_prefix(&a)));
-            prop_assert!(!keys.lease_lock_key(lease, &b).starts_with(&keys.lease_lock_key(lease, &a)));
         }
 
         /// Lease ids survive Display/FromStr.

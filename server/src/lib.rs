@@ -5,6 +5,8 @@
 //! - `keys`: the etcd key schema and lock-name encoding (every key we write, in one place).
 //! - `lock`: the lock algorithm (FIFO queue of leased keys, fencing tokens, waits, release).
 //! - `lease`: TTL leases (grant, keep alive, inspect, revoke).
+//! - `handle`: lease handles, the secrets that authorize acting on a lease and its holds.
+//! - `tenants`: bearer tokens, tenants, their lock-name prefixes and quotas.
 //! - `wakeups`: the one shared etcd watch that wakes waiters.
 //! - `store`: the etcd connection: every call typed, bounded, classified, traced and timed.
 //! - `metrics`: every Prometheus metric, named once, and the `/metrics` renderer.
@@ -26,6 +28,7 @@
 //! ```
 
 pub mod cli;
+mod handle;
 pub mod http;
 mod keys;
 mod lease;
@@ -34,17 +37,20 @@ pub mod metrics;
 mod service;
 mod store;
 mod telemetry;
+mod tenants;
 mod wakeups;
 
 use std::future::Future;
 use std::time::Duration;
 
+pub use handle::{AuthDigest, Handle, InvalidHandle};
 pub use http::{AppState, Limits, app, router_and_openapi};
 pub use keys::{InvalidName, KeySchema, LeaseId, LeaseMeta, LockName, MAX_NAME_BYTES, WaiterValue};
 pub use lease::{GrantedLease, LeaseInfo};
 pub use lock::{AcquireRequest, Grant, LeaseChoice, LockStatus, Renewal};
-pub use service::{Holder, Service, ServiceError, ServiceInner};
+pub use service::{Holder, LeaseAuth, Service, ServiceError, ServiceInner};
 pub use store::{Store, StoreError};
+pub use tenants::{Quotas, Tenant, Tenants};
 
 /// How long shutdown waits for background clean-ups (abandoned waits) to finish.
 const CLEANUP_GRACE: Duration = Duration::from_secs(5);
@@ -70,6 +76,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Time a client has to send its request headers before it is disconnected.
     pub header_read_timeout: Duration,
+    /// Bearer tokens and tenants (JSON, see `tenants.rs`); `None`: no authentication.
+    pub auth_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -82,6 +90,7 @@ impl Default for Config {
             etcd_timeout: Duration::from_secs(3),
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),
+            auth_file: None,
         }
     }
 }
@@ -119,6 +128,12 @@ impl Config {
         self
     }
 
+    /// The same configuration with this auth file (bearer tokens and tenants).
+    pub fn with_auth_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.auth_file = Some(path.into());
+        self
+    }
+
     /// The same configuration with these TTL and wait maxima.
     pub fn with_limits(mut self, max_ttl: Duration, max_wait: Duration) -> Self {
         self.max_ttl = max_ttl;
@@ -136,10 +151,45 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let invalid = |err: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, err);
+    let tenants = match &config.auth_file {
+        Some(path) => Tenants::from_file(path).map_err(invalid)?,
+        None => {
+            tracing::warn!(
+                "authentication is off (no --auth-file): anyone who can reach this server may use every lock name; fine on loopback, not on a network"
+            );
+            Tenants::open()
+        }
+    };
     let store = Store::connect(&config.etcd_endpoints, config.etcd_timeout)
         .await
-        .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err.to_string()))?;
+        .map_err(|err| invalid(err.to_string()))?;
     let service = Service::new(store, &config.prefix);
+    // Two deployments whose prefixes nest would read each other's keys: refuse to start. If etcd
+    // does not answer now, the check runs again until it does.
+    let conflict = tokio_util::sync::CancellationToken::new();
+    match service.register_prefix().await {
+        Ok(()) => {}
+        Err(ServiceError::Forbidden(why)) => return Err(invalid(why)),
+        Err(err) => {
+            tracing::warn!(error = %err, "etcd did not answer the prefix check; retrying in the background");
+            let (service, conflict) = (service.clone(), conflict.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    match service.register_prefix().await {
+                        Ok(()) => return,
+                        Err(ServiceError::Forbidden(why)) => {
+                            tracing::error!("{why}; shutting down");
+                            conflict.cancel();
+                            return;
+                        }
+                        Err(_) => {}
+                    }
+                }
+            });
+        }
+    }
     service.start();
     let state = AppState {
         service: service.clone(),
@@ -147,6 +197,15 @@ pub async fn run(
             max_ttl: config.max_ttl,
             max_wait: config.max_wait,
         },
+        tenants: tenants.clone(),
+    };
+    let reload = tokio::spawn(reload_on_sighup(tenants));
+    let stopped_by_conflict = conflict.clone();
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown => {}
+            () = conflict.cancelled() => {}
+        }
     };
     let stopping = service.clone();
     // Histogram samples wait in the recorder until upkeep folds them in; without scrapes they
@@ -175,7 +234,33 @@ pub async fn run(
     )
     .await;
     upkeep.abort();
+    reload.abort();
     service.finish_shutdown(CLEANUP_GRACE).await;
     tracing::info!("stopped");
+    if stopped_by_conflict.is_cancelled() {
+        return Err(invalid(format!(
+            "another deployment's --prefix nests with {:?}",
+            config.prefix
+        )));
+    }
     Ok(())
+}
+
+/// Re-reads the auth file on SIGHUP; a file that fails to load leaves the old one in force.
+async fn reload_on_sighup(tenants: Tenants) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match tenants.reload() {
+            Ok(count) if tenants.required() => {
+                tracing::info!(tokens = count, "auth file reloaded")
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::error!(error = %err, "auth file not reloaded; the old one stays in force")
+            }
+        }
+    }
 }

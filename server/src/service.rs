@@ -9,9 +9,48 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::keys::{KeySchema, LeaseId};
+use crate::handle::{AuthDigest, Handle};
+use crate::keys::{KeySchema, LeaseId, LockName};
 use crate::store::{Store, StoreError};
+use crate::tenants::Tenant;
 use crate::wakeups::Wakeups;
+
+/// What it takes to act on a lease: its id and the digest its `auth` key must hold, both
+/// derived from the caller's tenant and handle (see `handle.rs`).
+#[derive(Debug, Clone)]
+pub struct LeaseAuth {
+    /// The lease the handle names.
+    pub lease: LeaseId,
+    /// What its `auth` key holds while it is usable.
+    pub digest: AuthDigest,
+}
+
+impl LeaseAuth {
+    /// The lease `handle` names for `tenant`.
+    pub fn new(tenant: &Tenant, handle: &Handle) -> Self {
+        Self {
+            lease: handle.lease_id(&tenant.name),
+            digest: handle.digest(&tenant.name),
+        }
+    }
+}
+
+/// Refuses a lock name outside the tenant's prefix.
+pub(crate) fn authorize_name(tenant: &Tenant, name: &LockName) -> Result<(), ServiceError> {
+    if tenant.may_use(name) {
+        Ok(())
+    } else {
+        Err(ServiceError::Forbidden(format!(
+            "lock names of this tenant start with {:?}",
+            tenant.lock_prefix
+        )))
+    }
+}
+
+/// Where every Leasehold deployment on an etcd records its `--prefix` (one key each, kept while
+/// the deployment exists), so that a deployment whose prefix nests with another's refuses to
+/// start.
+pub const PREFIX_REGISTRY: &str = "/leasehold-registry/prefixes";
 
 /// The current holder of a lock, as reported to others.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,12 +84,21 @@ pub enum ServiceError {
     /// The server is shutting down; the wait was abandoned and cleaned up.
     #[error("server is shutting down")]
     ShuttingDown,
+    /// The handle does not match the lease, or the tenant may not use this name.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// A tenant quota would be exceeded; nothing was granted.
+    #[error("quota exceeded: {0}")]
+    QuotaExceeded(String),
 }
 
 impl From<StoreError> for ServiceError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::LeaseNotFound => ServiceError::LeaseNotFound,
+            StoreError::LeaseExists => {
+                ServiceError::Unavailable("etcd reported an unexpected lease id clash".into())
+            }
             StoreError::Unavailable(msg) => ServiceError::Unavailable(msg),
         }
     }
@@ -120,6 +168,46 @@ impl Service {
         {
             tracing::warn!("clean-ups still running at exit; their leases will expire them");
         }
+    }
+
+    /// Records this deployment's prefix in etcd's registry of Leasehold prefixes, after checking
+    /// that no other deployment's prefix nests with it (`/a` and `/a/b` would read each other's
+    /// keys). `Forbidden` names the clash. Equal prefixes are one deployment's replicas.
+    pub async fn register_prefix(&self) -> Result<(), ServiceError> {
+        let ours = format!("{}/", self.keys.prefix());
+        let others = self
+            .store
+            .get(
+                PREFIX_REGISTRY,
+                Some(
+                    etcd_client::GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only(),
+                ),
+            )
+            .await?;
+        for kv in others.kvs() {
+            let Some(theirs) = kv
+                .key()
+                .strip_prefix(PREFIX_REGISTRY.as_bytes())
+                .and_then(|p| std::str::from_utf8(p).ok())
+            else {
+                continue;
+            };
+            if theirs != ours && (theirs.starts_with(&ours) || ours.starts_with(theirs)) {
+                return Err(ServiceError::Forbidden(format!(
+                    "--prefix {:?} nests with the prefix {:?} of another Leasehold deployment on this etcd; \
+                     give each deployment a prefix where neither is a prefix of the other (to retire a \
+                     deployment: etcdctl del {PREFIX_REGISTRY}{theirs})",
+                    self.keys.prefix(),
+                    theirs.trim_end_matches('/')
+                )));
+            }
+        }
+        self.store
+            .put(&format!("{PREFIX_REGISTRY}{ours}"), Vec::new(), None)
+            .await?;
+        Ok(())
     }
 
     /// True when etcd answers a linearizable read (so it has a leader and quorum).

@@ -3,10 +3,16 @@
 //! Every etcd call goes through [`Store::call`], which bounds it by the request timeout and
 //! sorts its error into [`StoreError`]. A timeout or a lost connection is never a grant: callers
 //! turn [`StoreError::Unavailable`] into `503 store_unavailable`.
+//!
+//! **Any request we sent may be applied later, or never, whatever answer we gave.** A timed-out
+//! call may sit in a stalled member and be applied seconds later. So the store also tracks the
+//! highest etcd revision it has seen ([`Store::known_revision`]): a write that must not land
+//! after something else happened compares `mod_revision <= known revision at send time`, and
+//! whatever must invalidate it writes the key it compares (see `docs/design.md`, "Late writes").
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
@@ -25,6 +31,9 @@ pub enum StoreError {
     /// etcd says the lease does not exist (expired or revoked).
     #[error("lease not found")]
     LeaseNotFound,
+    /// etcd says a lease with the requested id exists already (a retried grant).
+    #[error("lease already exists")]
+    LeaseExists,
     /// etcd could not be reached, timed out, or failed; nothing may be concluded.
     #[error("etcd unavailable: {0}")]
     Unavailable(String),
@@ -41,6 +50,9 @@ impl From<etcd_client::Error> for StoreError {
             E::LeaseKeepAliveError(msg) if msg.contains("lease not found") => {
                 StoreError::LeaseNotFound
             }
+            E::GRpcStatus(status) if status.message().contains("lease already exists") => {
+                StoreError::LeaseExists
+            }
             _ => StoreError::Unavailable(err.to_string()),
         }
     }
@@ -48,6 +60,12 @@ impl From<etcd_client::Error> for StoreError {
 
 /// How long an endpoint whose call failed is passed over (unless every endpoint is).
 const SUSPECT_FOR: Duration = Duration::from_secs(5);
+
+/// HTTP/2 keep-alive ping interval towards etcd: twice etcd's default minimum of 5 s.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long a keep-alive ping may go unanswered before the connection counts as dead.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A cloneable handle on the etcd cluster (clones share the connections).
 ///
@@ -61,6 +79,8 @@ pub struct Store {
     endpoints: Arc<[Endpoint]>,
     next: Arc<AtomicUsize>,
     request_timeout: Duration,
+    /// The highest revision any etcd answer (or the watch) has shown us.
+    known_revision: Arc<AtomicI64>,
 }
 
 struct Endpoint {
@@ -94,8 +114,11 @@ impl Store {
         let options = ConnectOptions::new()
             .with_connect_timeout(request_timeout.min(Duration::from_secs(2)))
             .with_timeout(request_timeout)
-            // Detect a stalled member (paused, partitioned) on long-lived watch streams.
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            // Detect a stalled member (paused, partitioned) on long-lived watch streams. Not more
+            // often than etcd's default `--grpc-keepalive-min-time` (5 s): a client that pings
+            // faster gets GOAWAY ("too many pings"), which tears down the connection and every
+            // call and watch on it.
+            .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
             .with_keep_alive_while_idle(true)
             // A member cut off from its leader must not serve our watch: etcd cancels it and we
             // re-establish it elsewhere.
@@ -118,7 +141,25 @@ impl Store {
             endpoints: clients.into(),
             next: Arc::new(AtomicUsize::new(0)),
             request_timeout,
+            known_revision: Arc::new(AtomicI64::new(0)),
         })
+    }
+
+    /// The highest etcd revision seen so far. Every write applied after a request is sent gets a
+    /// higher revision than the value read before sending it, which is what late-write fences
+    /// compare against.
+    pub fn known_revision(&self) -> i64 {
+        self.known_revision.load(Ordering::Acquire)
+    }
+
+    /// Notes a revision read from an etcd answer or watch event.
+    pub fn saw_revision(&self, revision: i64) {
+        self.known_revision.fetch_max(revision, Ordering::AcqRel);
+    }
+
+    /// How many endpoints there are: how many attempts reach each of them once.
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.len()
     }
 
     /// The next endpoint in turn that is not suspect (any, if all are).
@@ -182,6 +223,7 @@ impl Store {
         };
         if let Some(revision) = result.as_ref().ok().and_then(AtRevision::revision) {
             record.record("revision", revision);
+            self.saw_revision(revision);
         }
         let answered = !matches!(result, Err(StoreError::Unavailable(_)));
         if !answered {
@@ -220,11 +262,42 @@ impl Store {
             .map(drop)
     }
 
-    /// Grants a lease of `ttl_secs` seconds (etcd may raise it to its minimum).
-    pub async fn lease_grant(&self, ttl_secs: i64) -> Result<LeaseGrantResponse, StoreError> {
+    /// Grants lease `id` for `ttl_secs` seconds (etcd may raise it to its minimum); `LeaseExists`
+    /// if it exists already.
+    pub async fn lease_grant(
+        &self,
+        id: LeaseId,
+        ttl_secs: i64,
+    ) -> Result<LeaseGrantResponse, StoreError> {
         let (at, mut client) = self.pick_client();
-        self.call(at, "lease_grant", "", client.lease_grant(ttl_secs, None))
-            .await
+        let options = etcd_client::LeaseGrantOptions::new().with_id(id.as_i64());
+        self.call(
+            at,
+            "lease_grant",
+            &id.to_string(),
+            client.lease_grant(ttl_secs, Some(options)),
+        )
+        .await
+    }
+
+    /// A txn retried on the next endpoint while etcd gives no answer, up to `rounds` times over
+    /// every endpoint: for writes whose outcome we must learn (clean-ups, releases). Only for txns
+    /// that are harmless when applied twice or late (every attempt may still land).
+    pub async fn txn_until_answered(
+        &self,
+        target: &str,
+        txn: Txn,
+        rounds: usize,
+    ) -> Result<TxnResponse, StoreError> {
+        let attempts = self.endpoints.len() * rounds.max(1);
+        let mut last = None;
+        for _ in 0..attempts {
+            match self.txn(target, txn.clone()).await {
+                Err(err @ StoreError::Unavailable(_)) => last = Some(err),
+                other => return other,
+            }
+        }
+        Err(last.expect("at least one attempt"))
     }
 
     /// Revokes a lease and, with it, every key attached to it.

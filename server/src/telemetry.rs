@@ -28,7 +28,10 @@ impl Telemetry {
     pub fn init(format: LogFormat) -> Self {
         let log_filter =
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-        let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        // Colour codes only on a terminal: in a file or a pipe they are noise.
+        let logs = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
         let logs = match format {
             LogFormat::Text => logs.boxed(),
             LogFormat::Json => logs.json().boxed(),

@@ -246,6 +246,9 @@ impl Wakeups {
                     let Some(resp) = stream.message().await? else {
                         return Err(etcd_client::Error::WatchError("watch stream ended".into()));
                     };
+                    if let Some(header) = resp.header() {
+                        store.saw_revision(header.revision());
+                    }
                     if resp.canceled() {
                         return Err(etcd_client::Error::WatchError(format!(
                             "watch cancelled by etcd: {}",

@@ -453,11 +453,45 @@ impl Drop for ServerProcess {
     }
 }
 
+/// The lease handles a test's clients were given, shared by every [`Api`] of the process: as a
+/// real client keeps the handle it was granted and sends it with every operation on that lease
+/// (whichever replica it talks to), [`Api`] remembers handles from grant and `ttl`-acquire
+/// answers and sends the right one with each request that names a lease or a hold.
+#[derive(Default)]
+struct Handles {
+    /// Lease id → handle.
+    by_lease: std::collections::HashMap<String, String>,
+    /// (encoded lock name, token) → lease id, from acquire answers.
+    by_hold: std::collections::HashMap<(String, u64), String>,
+}
+
+fn handles() -> std::sync::MutexGuard<'static, Handles> {
+    static HANDLES: std::sync::OnceLock<std::sync::Mutex<Handles>> = std::sync::OnceLock::new();
+    HANDLES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// A path segment, percent-decoded (clients encode names differently).
+fn decoded(segment: &str) -> String {
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// The header that carries a lease handle.
+pub const HANDLE_HEADER: &str = "Leasehold-Handle";
+
 /// JSON over HTTP against one server, returning `(status, body)` for assertions.
 #[derive(Clone)]
 pub struct Api {
     base: String,
     http: reqwest::Client,
+    /// Send remembered handles (see [`Handles`]); off for requests that must go without.
+    send_handles: bool,
+    /// `Authorization: Bearer` token, if any.
+    bearer: Option<String>,
 }
 
 impl Api {
@@ -469,7 +503,116 @@ impl Api {
                 .timeout(Duration::from_secs(60))
                 .build()
                 .expect("reqwest client"),
+            send_handles: true,
+            bearer: None,
         }
+    }
+
+    /// The same helper, but it never sends a handle: a client that knows only what is public.
+    pub fn without_handles(&self) -> Self {
+        Self {
+            send_handles: false,
+            ..self.clone()
+        }
+    }
+
+    /// The same helper, sending `Authorization: Bearer <token>`.
+    pub fn with_bearer(&self, token: &str) -> Self {
+        Self {
+            bearer: Some(token.to_owned()),
+            ..self.clone()
+        }
+    }
+
+    /// The remembered handle of lease `lease_id`.
+    pub fn handle_of(lease_id: &str) -> Option<String> {
+        handles().by_lease.get(lease_id).cloned()
+    }
+
+    /// Remembers a handle learnt elsewhere (from the `leasehold` crate or CLI).
+    pub fn remember_handle(lease_id: &str, handle: &str) {
+        handles()
+            .by_lease
+            .insert(lease_id.to_owned(), handle.to_owned());
+    }
+
+    /// The handle a request to `path` with `body` needs, if one is remembered.
+    fn handle_for(path: &str, body: Option<&Value>) -> Option<String> {
+        let handles = handles();
+        if let Some(rest) = path.strip_prefix("/v1/leases/") {
+            let id = rest.split('/').next().unwrap_or_default();
+            return handles.by_lease.get(id).cloned();
+        }
+        let rest = path.strip_prefix("/v1/locks/")?;
+        let (name, action) = rest.rsplit_once('/')?;
+        let name = decoded(name);
+        let body = body?;
+        let lease = match action {
+            "acquire" => body["lease_id"].as_str()?.to_owned(),
+            "release" | "renew" => handles
+                .by_hold
+                .get(&(name, body["token"].as_u64()?))?
+                .clone(),
+            _ => return None,
+        };
+        handles.by_lease.get(&lease).cloned()
+    }
+
+    /// Remembers the handle (and the hold) an answer to `path` gave.
+    fn remember(path: &str, status: u16, answer: &Value) {
+        let (Some(lease), true) = (answer["lease_id"].as_str(), (200..300).contains(&status))
+        else {
+            return;
+        };
+        let mut handles = handles();
+        if let Some(handle) = answer["handle"].as_str() {
+            handles.by_lease.insert(lease.to_owned(), handle.to_owned());
+        }
+        if let (Some(rest), Some(token)) =
+            (path.strip_prefix("/v1/locks/"), answer["token"].as_u64())
+            && let Some((name, "acquire")) = rest.rsplit_once('/')
+        {
+            handles
+                .by_hold
+                .insert((decoded(name), token), lease.to_owned());
+        }
+    }
+
+    /// Sends `request` (to `path`, with `body`) with the remembered handle and the bearer token.
+    async fn send(
+        &self,
+        path: &str,
+        body: Option<&Value>,
+        mut request: reqwest::RequestBuilder,
+    ) -> Result<(u16, Value)> {
+        if self.send_handles
+            && let Some(handle) = Self::handle_for(path, body)
+        {
+            request = request.header(HANDLE_HEADER, handle);
+        }
+        if let Some(token) = &self.bearer {
+            request = request.bearer_auth(token);
+        }
+        let (status, answer) = Self::answer(request.send().await?).await?;
+        Self::remember(path, status, &answer);
+        Ok((status, answer))
+    }
+
+    /// `POST path` with a JSON body and an explicit handle (or none), remembering nothing.
+    pub async fn post_with_handle(
+        &self,
+        path: &str,
+        body: Value,
+        handle: Option<&str>,
+    ) -> Result<(u16, Value)> {
+        let mut request = self.http.post(format!("{}{path}", self.base)).json(&body);
+        if let Some(handle) = handle {
+            request = request.header(HANDLE_HEADER, handle);
+        }
+        if let Some(token) = &self.bearer {
+            request = request.bearer_auth(token);
+        }
+        Self::answer(request.send().await?).await
     }
 
     /// The underlying HTTP client (for raw requests).
@@ -484,14 +627,8 @@ impl Api {
 
     /// `POST path` with a JSON body.
     pub async fn post(&self, path: &str, body: Value) -> Result<(u16, Value)> {
-        Self::answer(
-            self.http
-                .post(format!("{}{path}", self.base))
-                .json(&body)
-                .send()
-                .await?,
-        )
-        .await
+        let request = self.http.post(format!("{}{path}", self.base)).json(&body);
+        self.send(path, Some(&body), request).await
     }
 
     /// `POST path` with a raw body.
@@ -505,23 +642,19 @@ impl Api {
             .post(format!("{}{path}", self.base))
             .header("content-type", "application/json")
             .body(body);
-        Self::answer(request.send().await?).await
+        self.send(path, None, request).await
     }
 
     /// `GET path`.
     pub async fn get(&self, path: &str) -> Result<(u16, Value)> {
-        Self::answer(self.http.get(format!("{}{path}", self.base)).send().await?).await
+        let request = self.http.get(format!("{}{path}", self.base));
+        self.send(path, None, request).await
     }
 
     /// `DELETE path`.
     pub async fn delete(&self, path: &str) -> Result<(u16, Value)> {
-        Self::answer(
-            self.http
-                .delete(format!("{}{path}", self.base))
-                .send()
-                .await?,
-        )
-        .await
+        let request = self.http.delete(format!("{}{path}", self.base));
+        self.send(path, None, request).await
     }
 
     async fn answer(response: reqwest::Response) -> Result<(u16, Value)> {

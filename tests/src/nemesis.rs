@@ -399,7 +399,7 @@ async fn worker(
                 // An explicit renewal, so renewals are in the history too (the guard's own
                 // background renewals are not visible from outside).
                 let op = rec.invoke(&me, lock, Kind::RenewInvoke { token });
-                match client.renew(lock, guard.token()).await {
+                match client.renew(lock, guard.token(), guard.handle()).await {
                     Ok(_) => rec.complete(&op, Kind::RenewOk { token }),
                     Err(err) => rec.complete(
                         &op,

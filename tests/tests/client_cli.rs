@@ -119,7 +119,13 @@ async fn lost_hold_kills_the_command_promptly() -> Result<()> {
     let api = Api::new(server.url());
     let dir = tempfile::tempdir()?;
     let marker = dir.path().join("finished");
-    let script = format!("sleep 20; touch {}", marker.display());
+    let handle_file = dir.path().join("handle");
+    // CMD gets the lease's handle in its environment: it hands it to this test, which revokes.
+    let script = format!(
+        "echo $LEASEHOLD_HANDLE > {}; sleep 20; touch {}",
+        handle_file.display(),
+        marker.display()
+    );
     let child = cli(&server)
         .args([
             "lock",
@@ -136,6 +142,13 @@ async fn lost_hold_kills_the_command_promptly() -> Result<()> {
         .stderr(std::process::Stdio::piped())
         .spawn()?;
     let lease = wait_for_holder(&api, "victim").await?;
+    let handle = loop {
+        match std::fs::read_to_string(&handle_file) {
+            Ok(text) if text.ends_with('\n') => break text.trim().to_owned(),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    Api::remember_handle(&lease, &handle);
     let (status, _) = api.delete(&format!("/v1/leases/{lease}")).await?;
     assert_eq!(status, 204);
     let revoked_at = Instant::now();
@@ -186,6 +199,13 @@ async fn lease_status_and_release_commands() -> Result<()> {
         .await?,
     )?;
     let lease = granted["lease_id"].as_str().context("lease_id")?.to_owned();
+    let handle = granted["handle"].as_str().context("handle")?.to_owned();
+    Api::remember_handle(&lease, &handle);
+    let with_handle = |args: &[&str]| {
+        let mut command = cli(&server);
+        command.args(args).env("LEASEHOLD_HANDLE", &handle);
+        command
+    };
     let (status, _) = api.get(&format!("/v1/leases/{lease}")).await?;
     assert_eq!(status, 200, "the CLI granted a real lease");
 
@@ -198,11 +218,14 @@ async fn lease_status_and_release_commands() -> Result<()> {
     let shown = json(&run(&server, &["--output", "json", "lease", "show", &lease]).await?)?;
     assert_eq!(shown["locks"], serde_json::json!(["cli/job"]));
     assert!(
-        run(&server, &["lease", "keepalive", &lease])
+        with_handle(&["lease", "keepalive", &lease])
+            .output()
             .await?
             .status
             .success()
     );
+    let no_handle = run(&server, &["lease", "keepalive", &lease]).await?;
+    assert!(!no_handle.status.success(), "keepalive needs the handle");
 
     let status = json(&run(&server, &["--output", "json", "status", "cli/job"]).await?)?;
     assert_eq!(status["holder"]["token"], held["token"]);
@@ -210,10 +233,15 @@ async fn lease_status_and_release_commands() -> Result<()> {
     assert!(String::from_utf8_lossy(&text.stdout).contains(&held["token"].to_string()));
 
     let token = held["token"].to_string();
-    let wrong = run(&server, &["release", "cli/job", "--token", "1"]).await?;
+    let wrong = with_handle(&["release", "cli/job", "--token", "1"])
+        .output()
+        .await?;
     assert!(!wrong.status.success(), "a wrong token must not release");
+    let no_handle = run(&server, &["release", "cli/job", "--token", &token]).await?;
+    assert!(!no_handle.status.success(), "a release needs the handle");
     assert!(
-        run(&server, &["release", "cli/job", "--token", &token])
+        with_handle(&["release", "cli/job", "--token", &token])
+            .output()
             .await?
             .status
             .success()
@@ -222,7 +250,8 @@ async fn lease_status_and_release_commands() -> Result<()> {
     assert_eq!(lock["holder"], serde_json::Value::Null);
 
     assert!(
-        run(&server, &["lease", "revoke", &lease])
+        with_handle(&["lease", "revoke", &lease])
+            .output()
             .await?
             .status
             .success()

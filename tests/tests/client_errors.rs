@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use leasehold::{Client, Error, FencingToken, LeaseId, RetryPolicy};
+use leasehold::{Client, Error, FencingToken, Handle, LeaseId, RetryPolicy};
 use leasehold_tests::{EtcdCluster, TestServer, free_port};
 
 /// `invalid_name`, `invalid_ttl`, `lock_held` (with its holder), `not_holder`,
@@ -38,14 +38,36 @@ async fn server_errors_map_to_variants() -> Result<()> {
         other => panic!("expected lock_held, got {other:?}"),
     }
     assert!(matches!(
-        client.release("held", FencingToken::new(1)).await,
+        client
+            .release("held", FencingToken::new(1), held.handle())
+            .await,
         Err(Error::NotHolder)
+    ));
+    // Someone else's handle (or a guessed one) is refused, and changes nothing.
+    assert!(matches!(
+        client
+            .release("held", held.token(), &Handle::generate())
+            .await,
+        Err(Error::Forbidden { .. })
+    ));
+    let gone = client.grant_lease(Duration::from_secs(5)).await?;
+    let (id, handle) = (gone.id().clone(), gone.handle().clone());
+    gone.revoke().await?;
+    assert!(matches!(
+        client.keep_lease_alive(&id, &handle).await,
+        Err(Error::LeaseNotFound)
     ));
     assert!(matches!(
         client
-            .keep_lease_alive(&LeaseId::new("00000000000000ff"))
+            .keep_lease_alive(&LeaseId::new("00000000000000ff"), &handle)
             .await,
-        Err(Error::LeaseNotFound)
+        Err(Error::Forbidden { .. })
+    ));
+    assert!(matches!(
+        client
+            .keep_lease_alive(&LeaseId::new("../../healthz"), &handle)
+            .await,
+        Err(Error::InvalidInput { .. })
     ));
 
     let dead = Client::new(format!("http://127.0.0.1:{}", free_port()?))?;

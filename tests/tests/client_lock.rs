@@ -93,6 +93,7 @@ async fn revoked_lease_is_noticed_within_the_ttl() -> Result<()> {
     let client = Client::new(server.url())?;
     let guard = client.lock("revoked").ttl(TTL).acquire().await?;
     let revoked_at = Instant::now();
+    Api::remember_handle(guard.lease_id().as_str(), guard.handle().reveal());
     let (status, _) = Api::new(server.url())
         .delete(&format!("/v1/leases/{}", guard.lease_id()))
         .await?;
@@ -203,13 +204,13 @@ async fn detached_guard_holds_until_its_lease_expires() -> Result<()> {
     let server = TestServer::start(&etcd).await?;
     let (alice, bob) = (Client::new(server.url())?, Client::new(server.url())?);
     let guard = alice.lock("detached").ttl(TTL).acquire().await?;
-    let (name, token) = guard.detach();
+    let (name, token, handle) = guard.detach();
     assert_eq!(name, "detached");
     assert_eq!(
         bob.status("detached").await?.holder.context("held")?.token,
         token
     );
-    alice.renew("detached", token).await?;
+    alice.renew("detached", token, &handle).await?;
 
     let renewed_at = Instant::now();
     let next = bob
@@ -225,7 +226,7 @@ async fn detached_guard_holds_until_its_lease_expires() -> Result<()> {
     );
     assert!(next.token() > token);
     assert!(matches!(
-        alice.renew("detached", token).await,
+        alice.renew("detached", token, &handle).await,
         Err(Error::NotHolder)
     ));
     Ok(())

@@ -87,18 +87,22 @@ async fn bad_inputs_are_rejected_without_touching_etcd() -> Result<()> {
     let api = Api::new(server.url());
     let (_, held) = api.acquire_ttl("held", "30s", "0s").await?;
     let token = held["token"].as_u64().unwrap();
+    let handle = held["handle"].as_str().unwrap().to_owned();
     let mut client = etcd.client().await?;
 
     let long_name = "n".repeat(257);
     let big = format!("{{\"ttl\":\"10s\",\"owner\":\"{}\"}}", "x".repeat(1 << 20));
     enum Req {
         Post(String, String),
+        /// With the holder's handle in `Leasehold-Handle`.
+        PostHeld(String, String),
         Get(String),
         Delete(String),
         Put(String),
     }
     use Req::*;
     let p = |path: &str, body: &str| Post(path.to_owned(), body.to_owned());
+    let held_p = |path: &str, body: &str| PostHeld(path.to_owned(), body.to_owned());
     let acquire = |body: &str| p("/v1/locks/a/acquire", body);
     let cases: Vec<(Req, u16, &str)> = vec![
         (acquire("{"), 400, "invalid_json"),
@@ -133,8 +137,8 @@ async fn bad_inputs_are_rejected_without_touching_etcd() -> Result<()> {
         (acquire(r#"{}"#), 400, "invalid_request"),
         (
             acquire(r#"{"lease_id": "00000000000000ab"}"#),
-            404,
-            "lease_not_found",
+            403,
+            "forbidden",
         ),
         (
             acquire(r#"{"lease_id": "not-a-lease"}"#),
@@ -184,8 +188,22 @@ async fn bad_inputs_are_rejected_without_touching_etcd() -> Result<()> {
             400,
             "invalid_request",
         ),
+        // The holder's token without its handle: refused, nothing released.
         (
             p(
+                "/v1/locks/held/release",
+                &format!(r#"{{"token": {token}}}"#),
+            ),
+            403,
+            "forbidden",
+        ),
+        (
+            p("/v1/locks/held/renew", &format!(r#"{{"token": {token}}}"#)),
+            403,
+            "forbidden",
+        ),
+        (
+            held_p(
                 "/v1/locks/held/release",
                 &format!(r#"{{"token": {}}}"#, token + 1),
             ),
@@ -193,7 +211,7 @@ async fn bad_inputs_are_rejected_without_touching_etcd() -> Result<()> {
             "not_holder",
         ),
         (
-            p(
+            held_p(
                 "/v1/locks/held/release",
                 &format!(r#"{{"token": {}}}"#, token - 1),
             ),
@@ -201,12 +219,12 @@ async fn bad_inputs_are_rejected_without_touching_etcd() -> Result<()> {
             "not_holder",
         ),
         (
-            p("/v1/locks/held/renew", r#"{"token": 0}"#),
+            held_p("/v1/locks/held/renew", r#"{"token": 0}"#),
             409,
             "not_holder",
         ),
         (
-            p("/v1/locks/free/release", r#"{"token": 1}"#),
+            held_p("/v1/locks/free/release", r#"{"token": 1}"#),
             409,
             "not_holder",
         ),
@@ -219,8 +237,8 @@ async fn bad_inputs_are_rejected_without_touching_etcd() -> Result<()> {
         ),
         (
             p("/v1/leases/00000000000000ab/keepalive", ""),
-            404,
-            "lease_not_found",
+            403,
+            "forbidden",
         ),
         (p("/v1/leases/xyz/keepalive", ""), 404, "lease_not_found"),
         (
@@ -230,8 +248,8 @@ async fn bad_inputs_are_rejected_without_touching_etcd() -> Result<()> {
         ),
         (
             Delete("/v1/leases/00000000000000ab".into()),
-            404,
-            "lease_not_found",
+            403,
+            "forbidden",
         ),
         (Get("/v2/nothing".into()), 404, "not_found"),
         (Delete("/v1/locks/a".into()), 405, "method_not_allowed"),
@@ -245,6 +263,13 @@ async fn bad_inputs_are_rejected_without_touching_etcd() -> Result<()> {
             Post(path, body) => (
                 format!("POST {path} {}", &body[..body.len().min(60)]),
                 api.http().post(url(path)).body(body.clone()),
+            ),
+            PostHeld(path, body) => (
+                format!("POST {path} {body} (holder's handle)"),
+                api.http()
+                    .post(url(path))
+                    .header(leasehold_tests::HANDLE_HEADER, &handle)
+                    .body(body.clone()),
             ),
             Get(path) => (format!("GET {path}"), api.http().get(url(path))),
             Delete(path) => (format!("DELETE {path}"), api.http().delete(url(path))),
@@ -362,34 +387,35 @@ async fn openapi_lists_every_route() -> Result<()> {
     Ok(())
 }
 
-/// A lease granted directly in etcd (no Leasehold meta key) works like any other: acquire and
-/// renew report the TTL etcd granted, and the lease shows no owner.
+/// A lease granted directly in etcd has no handle, so nothing can act on it through Leasehold:
+/// whatever handle is sent, it names another lease. Nothing changes in etcd.
 #[tokio::test]
-async fn leases_granted_outside_leasehold_work() -> Result<()> {
+async fn leases_granted_outside_leasehold_are_refused() -> Result<()> {
     let etcd = EtcdCluster::start(1).await?;
     let server = TestServer::start(&etcd).await?;
     let api = Api::new(server.url());
     let mut client = etcd.client().await?;
     let lease = format!("{:016x}", client.lease_grant(7, None).await?.id());
-
-    let (status, held) = api
-        .post("/v1/locks/foreign/acquire", json!({"lease_id": lease}))
+    let before = revision(&mut client).await?;
+    let guessed = "guessedhandleguessedhandle";
+    let (status, body) = api
+        .post_with_handle(
+            "/v1/locks/foreign/acquire",
+            json!({"lease_id": lease}),
+            Some(guessed),
+        )
         .await?;
-    assert_eq!((status, &held["ttl_ms"]), (200, &json!(7000)), "{held}");
-    let (status, renewed) = api
-        .post("/v1/locks/foreign/renew", json!({"token": held["token"]}))
+    assert_eq!((status, &body["error"]["code"]), (403, &json!("forbidden")));
+    let (status, _) = api
+        .post_with_handle(
+            &format!("/v1/leases/{lease}/keepalive"),
+            json!({}),
+            Some(guessed),
+        )
         .await?;
-    assert_eq!(
-        (status, &renewed["ttl_ms"]),
-        (200, &json!(7000)),
-        "{renewed}"
-    );
-    let (status, kept) = api
-        .post(&format!("/v1/leases/{lease}/keepalive"), json!({}))
-        .await?;
-    assert_eq!((status, &kept["ttl_ms"]), (200, &json!(7000)));
-    let (_, info) = api.get(&format!("/v1/leases/{lease}")).await?;
-    assert_eq!(info["owner"], Value::Null);
-    assert_eq!(info["locks"], json!(["foreign"]));
+    assert_eq!(status, 403);
+    let (status, _) = api.get(&format!("/v1/leases/{lease}")).await?;
+    assert_eq!(status, 404, "not a Leasehold lease");
+    assert_eq!(revision(&mut client).await?, before);
     Ok(())
 }

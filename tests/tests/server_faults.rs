@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use leasehold_tests::{Api, EtcdCluster, ServerProcess, TestServer, keys_under, server_bin};
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -96,11 +96,14 @@ async fn client_disconnect_mid_wait_leaves_nothing() -> Result<()> {
         let impatient = reqwest::Client::builder()
             .timeout(Duration::from_millis(400))
             .build()?;
-        let gave_up = impatient
+        let mut request = impatient
             .post(format!("{}/v1/locks/d/acquire", server.url()))
-            .json(&body)
-            .send()
-            .await;
+            .json(&body);
+        if body.get("lease_id").is_some() {
+            let handle = Api::handle_of(&lease).context("the lease's handle")?;
+            request = request.header(leasehold_tests::HANDLE_HEADER, handle);
+        }
+        let gave_up = request.send().await;
         assert!(gave_up.is_err(), "the request should time out client-side");
         wait_for_queue(&etcd, "d", 1).await?;
     }
@@ -440,11 +443,13 @@ async fn resumed_wait_survives_the_abandoned_original() -> Result<()> {
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(1500))
         .build()?;
+    let handle = Api::handle_of(&lease).expect("the lease's handle");
     let original = tokio::spawn({
         let (url, lease) = (s1.url(), lease.clone());
         async move {
             impatient
                 .post(format!("{url}/v1/locks/resume/acquire"))
+                .header(leasehold_tests::HANDLE_HEADER, handle)
                 .json(&json!({"lease_id": lease, "wait": "20s"}))
                 .send()
                 .await

@@ -42,7 +42,7 @@ async fn one_holder_then_handoff_with_larger_token() -> Result<()> {
     let (status, body) = api
         .post("/v1/locks/seat-1/release", json!({"token": token(&winner)}))
         .await?;
-    assert_eq!((status, &body["released"]), (200, &json!(true)));
+    assert_eq!((status, &body["released"]), (200, &json!(true)), "{body}");
     let (status, next) = waiter.await??;
     assert_eq!(status, 200, "{next}");
     assert!(token(&next) > token(&winner));

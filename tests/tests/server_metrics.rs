@@ -62,7 +62,12 @@ async fn counters_follow_traffic() -> Result<()> {
     assert_eq!(status, 409);
     api.post("/v1/locks/m1/renew", json!({"token": a["token"]}))
         .await?;
-    api.post("/v1/locks/m1/renew", json!({"token": 1})).await?; // not_holder
+    api.post_with_handle(
+        "/v1/locks/m1/renew",
+        json!({"token": 1}),
+        a["handle"].as_str(),
+    )
+    .await?; // not_holder
     api.post("/v1/locks/m1/release", json!({"token": a["token"]}))
         .await?;
     api.post("/v1/locks/m2/release", json!({"token": b["token"]}))

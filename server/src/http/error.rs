@@ -47,12 +47,23 @@ pub enum ApiError {
     /// The token does not hold the lock.
     #[error("this token does not hold the lock (released, expired, or never granted)")]
     NotHolder,
-    /// etcd did not answer or failed: nothing was granted or changed that we know of.
-    #[error("the lock store (etcd) is unavailable; nothing was granted, retry later")]
+    /// etcd did not answer or failed. No lock is granted by a request that gets this answer, and
+    /// what it may have queued is removed by the server; retry (the `leasehold` crate does).
+    #[error("the lock store (etcd) did not confirm this request; no lock was granted; retry later")]
     StoreUnavailable(String),
     /// The server is shutting down; retry on another replica.
     #[error("server is shutting down; retry on another replica")]
     ShuttingDown,
+    /// No valid bearer token (only when the server runs with an auth file).
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// A wrong or missing lease handle, or a lock name outside the tenant's prefix. Nothing
+    /// changed in etcd.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// A tenant quota would be exceeded. Nothing was granted.
+    #[error("quota exceeded: {0}")]
+    QuotaExceeded(String),
 }
 
 /// The JSON body of every error.
@@ -101,6 +112,9 @@ impl ApiError {
             E::NotHolder => (StatusCode::CONFLICT, "not_holder"),
             E::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             E::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            E::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            E::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            E::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
         }
     }
 }
@@ -113,6 +127,8 @@ impl From<ServiceError> for ApiError {
             ServiceError::NotHolder => ApiError::NotHolder,
             ServiceError::Unavailable(msg) => ApiError::StoreUnavailable(msg),
             ServiceError::ShuttingDown => ApiError::ShuttingDown,
+            ServiceError::Forbidden(msg) => ApiError::Forbidden(msg),
+            ServiceError::QuotaExceeded(msg) => ApiError::QuotaExceeded(msg),
         }
     }
 }
@@ -137,6 +153,13 @@ impl IntoResponse for ApiError {
             },
             holder,
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }

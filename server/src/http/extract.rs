@@ -10,8 +10,15 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use serde_json::{Map, Value};
 
+use super::AppState;
 use super::error::ApiError;
+use crate::handle::Handle;
 use crate::keys::{LeaseId, LockName};
+use crate::service::LeaseAuth;
+use crate::tenants::{AuthError, Tenant};
+
+/// The request header that carries a lease's handle.
+pub const HANDLE_HEADER: &str = "leasehold-handle";
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -76,6 +83,68 @@ impl<S: Send + Sync> FromRequestParts<S> for LeaseIdPath {
             .await
             .map_err(|_| ApiError::LeaseNotFound)?;
         raw.parse().map(Self).map_err(|()| ApiError::LeaseNotFound)
+    }
+}
+
+/// The caller's tenant, from `Authorization: Bearer <token>` (or the open tenant when the
+/// server runs without an auth file).
+#[derive(Debug, Clone)]
+pub struct Caller(pub std::sync::Arc<Tenant>);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok());
+        state
+            .tenants
+            .authenticate(header)
+            .map(Self)
+            .map_err(|AuthError::Unauthorized(why)| ApiError::Unauthorized(why.into()))
+    }
+}
+
+/// The `Leasehold-Handle` header, if sent. A malformed one is refused as `invalid_request`.
+#[derive(Debug, Clone)]
+pub struct MaybeHandle(pub Option<Handle>);
+
+impl<S: Send + Sync> FromRequestParts<S> for MaybeHandle {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let Some(value) = parts.headers.get(HANDLE_HEADER) else {
+            return Ok(Self(None));
+        };
+        let text = value.to_str().map_err(|_| {
+            ApiError::InvalidRequest("the Leasehold-Handle header is not text".into())
+        })?;
+        Handle::parse(text.trim())
+            .map(|handle| Self(Some(handle)))
+            .map_err(|err| ApiError::InvalidRequest(format!("Leasehold-Handle: {err}")))
+    }
+}
+
+impl MaybeHandle {
+    /// The lease the handle names for `tenant`; a missing handle is `403 forbidden`.
+    pub fn require(self, tenant: &Tenant) -> Result<LeaseAuth, ApiError> {
+        let handle = self.0.ok_or_else(|| {
+            ApiError::Forbidden(
+                "this operation needs the lease's handle in the Leasehold-Handle header".into(),
+            )
+        })?;
+        Ok(LeaseAuth::new(tenant, &handle))
+    }
+
+    /// [`MaybeHandle::require`], and the handle must name lease `expected`.
+    pub fn require_for(self, tenant: &Tenant, expected: LeaseId) -> Result<LeaseAuth, ApiError> {
+        let auth = self.require(tenant)?;
+        if auth.lease != expected {
+            return Err(ApiError::Forbidden("wrong handle for this lease".into()));
+        }
+        Ok(auth)
     }
 }
 

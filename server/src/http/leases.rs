@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
-use super::extract::{Fields, JsonObject, LeaseIdPath};
+use super::extract::{Caller, Fields, JsonObject, LeaseIdPath, MaybeHandle};
 use crate::keys::LeaseId;
 
 /// Adds the lease id to the request's span.
@@ -32,6 +32,10 @@ pub struct GrantLeaseBody {
 pub struct LeaseResponse {
     /// Opaque lease id (16 hex digits).
     pub lease_id: String,
+    /// The lease's secret handle: every operation on the lease, and on locks held under it,
+    /// needs it in the `Leasehold-Handle` header. Keep it secret; the server stores only a
+    /// digest. The same value you sent, if you chose it.
+    pub handle: String,
     /// The TTL etcd granted, in milliseconds.
     pub ttl_ms: u64,
     /// Who holds it.
@@ -62,17 +66,23 @@ pub struct LeaseInfoResponse {
     pub locks: Vec<String>,
 }
 
-/// Grants a lease.
+/// Grants a lease. Send a `Leasehold-Handle` header of your own (at least 128 random bits) to
+/// make the grant idempotent: a retry with the same handle answers the same lease.
 #[utoipa::path(post, path = "/v1/leases", tag = "leases",
     request_body = GrantLeaseBody,
     responses(
         (status = 201, description = "Lease granted", body = LeaseResponse),
         (status = 400, description = "invalid_json, invalid_ttl or invalid_request", body = ErrorBody),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 403, description = "forbidden (the handle names a lease being revoked)", body = ErrorBody),
         (status = 413, description = "body_too_large", body = ErrorBody),
+        (status = 429, description = "quota_exceeded", body = ErrorBody),
         (status = 503, description = "store_unavailable", body = ErrorBody),
     ))]
 pub async fn grant_lease(
     State(state): State<AppState>,
+    Caller(tenant): Caller,
+    MaybeHandle(handle): MaybeHandle,
     JsonObject(body): JsonObject,
 ) -> Result<(StatusCode, Json<LeaseResponse>), ApiError> {
     let fields = Fields(&body);
@@ -80,12 +90,16 @@ pub async fn grant_lease(
         .ttl(&state.limits)?
         .ok_or_else(|| ApiError::InvalidTtl("`ttl` is required".into()))?;
     let owner = fields.owner()?;
-    let lease = state.service.grant_lease(ttl, owner).await?;
+    let lease = state
+        .service
+        .grant_lease(&tenant, ttl, owner, handle)
+        .await?;
     record_lease(lease.lease_id);
     Ok((
         StatusCode::CREATED,
         Json(LeaseResponse {
             lease_id: lease.lease_id.to_string(),
+            handle: lease.handle.reveal().to_owned(),
             ttl_ms: lease.ttl_ms,
             owner: lease.owner,
         }),
@@ -97,15 +111,20 @@ pub async fn grant_lease(
     params(("lease_id" = String, Path, description = "Lease id")),
     responses(
         (status = 200, description = "Lease refreshed", body = KeepAliveResponse),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 403, description = "forbidden (missing or wrong handle)", body = ErrorBody),
         (status = 404, description = "lease_not_found", body = ErrorBody),
         (status = 503, description = "store_unavailable", body = ErrorBody),
     ))]
 pub async fn keep_lease_alive(
     State(state): State<AppState>,
+    Caller(tenant): Caller,
     LeaseIdPath(lease): LeaseIdPath,
+    handle: MaybeHandle,
 ) -> Result<Json<KeepAliveResponse>, ApiError> {
     record_lease(lease);
-    let ttl_ms = state.service.keep_lease_alive(lease).await?;
+    let auth = handle.require_for(&tenant, lease)?;
+    let ttl_ms = state.service.keep_lease_alive(&auth).await?;
     Ok(Json(KeepAliveResponse {
         lease_id: lease.to_string(),
         ttl_ms,
@@ -117,15 +136,17 @@ pub async fn keep_lease_alive(
     params(("lease_id" = String, Path, description = "Lease id")),
     responses(
         (status = 200, description = "The lease", body = LeaseInfoResponse),
-        (status = 404, description = "lease_not_found", body = ErrorBody),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 404, description = "lease_not_found (also for another tenant's lease)", body = ErrorBody),
         (status = 503, description = "store_unavailable", body = ErrorBody),
     ))]
 pub async fn show_lease(
     State(state): State<AppState>,
+    Caller(tenant): Caller,
     LeaseIdPath(lease): LeaseIdPath,
 ) -> Result<Json<LeaseInfoResponse>, ApiError> {
     record_lease(lease);
-    let info = state.service.lease_info(lease).await?;
+    let info = state.service.lease_info(&tenant, lease).await?;
     Ok(Json(LeaseInfoResponse {
         lease_id: info.lease_id.to_string(),
         ttl_ms: info.ttl_ms,
@@ -140,14 +161,19 @@ pub async fn show_lease(
     params(("lease_id" = String, Path, description = "Lease id")),
     responses(
         (status = 204, description = "Lease revoked"),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 403, description = "forbidden (missing or wrong handle)", body = ErrorBody),
         (status = 404, description = "lease_not_found", body = ErrorBody),
         (status = 503, description = "store_unavailable", body = ErrorBody),
     ))]
 pub async fn revoke_lease(
     State(state): State<AppState>,
+    Caller(tenant): Caller,
     LeaseIdPath(lease): LeaseIdPath,
+    handle: MaybeHandle,
 ) -> Result<StatusCode, ApiError> {
     record_lease(lease);
-    state.service.revoke_lease(lease).await?;
+    let auth = handle.require_for(&tenant, lease)?;
+    state.service.revoke_lease(&auth).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -7,7 +7,7 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
-use super::extract::{Fields, JsonObject, LockNamePath};
+use super::extract::{Caller, Fields, JsonObject, LockNamePath, MaybeHandle};
 use crate::keys::{LeaseId, LockName};
 use crate::lock::{AcquireRequest, LeaseChoice};
 use crate::metrics::{self, AcquireResult};
@@ -33,7 +33,8 @@ fn outcome_label<T>(outcome: &Result<T, ServiceError>, success: &'static str) ->
 #[derive(Debug, Deserialize, ToSchema)]
 #[allow(dead_code)] // documents the body; it is read field by field for precise error codes
 pub struct AcquireBody {
-    /// Hold the lock under this existing lease (kept alive by you).
+    /// Hold the lock under this existing lease (kept alive by you); send its handle in the
+    /// `Leasehold-Handle` header.
     lease_id: Option<String>,
     /// Or: the server grants a lease of this TTL for the lock (humantime, e.g. `"10s"`).
     #[schema(example = "10s")]
@@ -45,7 +46,7 @@ pub struct AcquireBody {
     owner: Option<String>,
 }
 
-/// Body of `renew` and `release`.
+/// Body of `renew` and `release` (with the lease's handle in the `Leasehold-Handle` header).
 #[derive(Debug, Deserialize, ToSchema)]
 #[allow(dead_code)] // documents the body; it is read field by field for precise error codes
 pub struct TokenBody {
@@ -62,6 +63,10 @@ pub struct AcquireResponse {
     pub token: u64,
     /// The lease the hold is attached to.
     pub lease_id: String,
+    /// For a `ttl` acquire, the new lease's secret handle: renew and release need it (in the
+    /// `Leasehold-Handle` header). Shown only here, once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handle: Option<String>,
     /// The lease's TTL, in milliseconds.
     pub ttl_ms: u64,
     /// Who holds it.
@@ -117,14 +122,19 @@ pub struct LockStatusResponse {
     responses(
         (status = 200, description = "Lock granted", body = AcquireResponse),
         (status = 400, description = "invalid_json, invalid_name, invalid_ttl, invalid_wait or invalid_request", body = ErrorBody),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 403, description = "forbidden (missing or wrong handle, name outside the tenant's prefix)", body = ErrorBody),
         (status = 404, description = "lease_not_found", body = ErrorBody),
         (status = 409, description = "lock_held (with `holder`)", body = ErrorBody),
         (status = 413, description = "body_too_large", body = ErrorBody),
+        (status = 429, description = "quota_exceeded", body = ErrorBody),
         (status = 503, description = "store_unavailable or shutting_down", body = ErrorBody),
     ))]
 pub async fn acquire_lock(
     State(state): State<AppState>,
+    Caller(tenant): Caller,
     LockNamePath(name): LockNamePath,
+    handle: MaybeHandle,
     JsonObject(body): JsonObject,
 ) -> Result<Json<AcquireResponse>, ApiError> {
     let fields = Fields(&body);
@@ -133,10 +143,12 @@ pub async fn acquire_lock(
     let wait = fields.wait(&state.limits)?;
     let owner = fields.owner()?;
     let lease = match (lease_id, ttl) {
-        (Some(id), None) => LeaseChoice::Existing(
-            id.parse::<LeaseId>()
-                .map_err(|()| ApiError::LeaseNotFound)?,
-        ),
+        (Some(id), None) => {
+            let id = id
+                .parse::<LeaseId>()
+                .map_err(|()| ApiError::LeaseNotFound)?;
+            LeaseChoice::Existing(handle.require_for(&tenant, id)?)
+        }
         (None, Some(ttl)) => LeaseChoice::New { ttl },
         (Some(_), Some(_)) => {
             return Err(ApiError::InvalidRequest(
@@ -157,6 +169,7 @@ pub async fn acquire_lock(
             lease,
             wait,
             owner,
+            tenant,
         })
         .await;
     metrics::acquire_finished(
@@ -174,6 +187,7 @@ pub async fn acquire_lock(
         name: grant.name.to_string(),
         token: grant.token,
         lease_id: grant.lease_id.to_string(),
+        handle: grant.handle.map(|h| h.reveal().to_owned()),
         ttl_ms: grant.ttl_ms,
         owner: grant.owner,
     }))
@@ -186,17 +200,22 @@ pub async fn acquire_lock(
     responses(
         (status = 200, description = "Hold renewed", body = RenewResponse),
         (status = 400, description = "invalid_json, invalid_name or invalid_request", body = ErrorBody),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 403, description = "forbidden (missing or wrong handle, name outside the tenant's prefix)", body = ErrorBody),
         (status = 409, description = "not_holder", body = ErrorBody),
         (status = 503, description = "store_unavailable", body = ErrorBody),
     ))]
 pub async fn renew_lock(
     State(state): State<AppState>,
+    Caller(tenant): Caller,
     LockNamePath(name): LockNamePath,
+    handle: MaybeHandle,
     JsonObject(body): JsonObject,
 ) -> Result<Json<RenewResponse>, ApiError> {
     let token = Fields(&body).token()?;
+    let auth = handle.require(&tenant)?;
     record_lock(&name, token);
-    let outcome = state.service.renew(&name, token).await;
+    let outcome = state.service.renew(&tenant, &name, token, &auth).await;
     metrics::renewal_finished(outcome_label(&outcome, "renewed"));
     let renewal = outcome?;
     Ok(Json(RenewResponse {
@@ -214,17 +233,22 @@ pub async fn renew_lock(
     responses(
         (status = 200, description = "Released", body = ReleaseResponse),
         (status = 400, description = "invalid_json, invalid_name or invalid_request", body = ErrorBody),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 403, description = "forbidden (missing or wrong handle, name outside the tenant's prefix)", body = ErrorBody),
         (status = 409, description = "not_holder", body = ErrorBody),
         (status = 503, description = "store_unavailable", body = ErrorBody),
     ))]
 pub async fn release_lock(
     State(state): State<AppState>,
+    Caller(tenant): Caller,
     LockNamePath(name): LockNamePath,
+    handle: MaybeHandle,
     JsonObject(body): JsonObject,
 ) -> Result<Json<ReleaseResponse>, ApiError> {
     let token = Fields(&body).token()?;
+    let auth = handle.require(&tenant)?;
     record_lock(&name, token);
-    let outcome = state.service.release(&name, token).await;
+    let outcome = state.service.release(&tenant, &name, token, &auth).await;
     metrics::release_finished(outcome_label(&outcome, "released"));
     outcome?;
     Ok(Json(ReleaseResponse { released: true }))
@@ -236,13 +260,16 @@ pub async fn release_lock(
     responses(
         (status = 200, description = "Lock status", body = LockStatusResponse),
         (status = 400, description = "invalid_name", body = ErrorBody),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 403, description = "forbidden (name outside the tenant's prefix)", body = ErrorBody),
         (status = 503, description = "store_unavailable", body = ErrorBody),
     ))]
 pub async fn lock_status(
     State(state): State<AppState>,
+    Caller(tenant): Caller,
     LockNamePath(name): LockNamePath,
 ) -> Result<Json<LockStatusResponse>, ApiError> {
-    let status = state.service.lock_status(&name).await?;
+    let status = state.service.lock_status(&tenant, &name).await?;
     Ok(Json(LockStatusResponse {
         name: status.name.to_string(),
         holder: status.holder.map(|h| HolderResponse {

@@ -36,13 +36,15 @@ pub struct AppState {
     pub service: Service,
     /// Bounds on TTLs and waits.
     pub limits: Limits,
+    /// Who may call, by bearer token (open when the server has no auth file).
+    pub tenants: crate::tenants::Tenants,
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "Leasehold",
-        description = "Fencing-token locks and TTL leases, kept in etcd. Errors are `{\"error\":{\"code\",\"message\"}}` with a stable code."
+        description = "Fencing-token locks and TTL leases, kept in etcd. Errors are `{\"error\":{\"code\",\"message\"}}` with a stable code. Operations on a lease, and on locks held under it, need the lease's secret handle (returned when the lease is granted) in the `Leasehold-Handle` header. With an auth file, every request needs `Authorization: Bearer <token>`."
     ),
     tags(
         (name = "leases", description = "TTL leases that locks are held under"),
