@@ -97,6 +97,10 @@ fn describe() {
         "leasehold_etcd_up",
         "1 if the last etcd call got an answer, else 0."
     );
+    describe_counter!(
+        "leasehold_watch_restarts_total",
+        "Times the shared lock watch broke and was re-created (every waiter then re-reads)."
+    );
     describe_gauge!(
         "leasehold_build_info",
         "Always 1; the version label says which build runs."
@@ -184,6 +188,11 @@ pub fn lease_revoked() {
 pub fn etcd_call(op: &'static str, elapsed: Duration, answered: bool) {
     histogram!("leasehold_etcd_request_duration_seconds", "op" => op).record(elapsed.as_secs_f64());
     gauge!("leasehold_etcd_up").set(if answered { 1.0 } else { 0.0 });
+}
+
+/// Records that the shared lock watch broke and is being re-created.
+pub fn watch_restarted() {
+    counter!("leasehold_watch_restarts_total").increment(1);
 }
 
 /// Records one HTTP request by method, route template and status.

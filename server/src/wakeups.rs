@@ -272,6 +272,7 @@ impl Wakeups {
                 result = session => {
                     if let Err(err) = result {
                         store.suspect(watched_on);
+                        crate::metrics::watch_restarted();
                         if broken {
                             tracing::debug!(error = %err, "lock watch still broken; retrying");
                         } else {

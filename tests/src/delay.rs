@@ -79,6 +79,13 @@ impl Drop for DelayProxy {
     }
 }
 
+/// How long the member side stays open after the last held-back bytes of a client that hung up
+/// were delivered. A client gives up on a stalled connection (its keep-alive pings go unanswered)
+/// and closes it; a member that reads a request and, in the same instant, the connection's end
+/// may drop the request. The member of a real stall reads the request first and the hang-up
+/// later, so the proxy waits before passing the hang-up on.
+const LINGER: Duration = Duration::from_secs(2);
+
 /// Relays one connection: client → server through a delay line, server → client at once. When
 /// the client hangs up, what it sent before is still delivered, at its time, as a stalled member
 /// would still read it.
@@ -105,6 +112,7 @@ async fn relay(client: TcpStream, server: TcpStream, delay_ms: Arc<AtomicU64>) {
                 break;
             }
         }
+        tokio::time::sleep(LINGER).await;
         let _ = server_write.shutdown().await;
     });
     let outbound = tokio::spawn(async move {

@@ -21,6 +21,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod delay;
 pub mod history;
 pub mod nemesis;
 

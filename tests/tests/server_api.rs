@@ -419,3 +419,48 @@ async fn leases_granted_outside_leasehold_are_refused() -> Result<()> {
     assert_eq!(revision(&mut client).await?, before);
     Ok(())
 }
+
+/// Two deployments whose `--prefix` values nest would read each other's keys: the second one
+/// refuses to start, naming both prefixes. Equal prefixes (replicas) and disjoint ones start.
+#[tokio::test]
+async fn nested_prefixes_are_refused_at_start() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let config = |prefix: &str| {
+        leasehold_server::Config::default()
+            .with_etcd_endpoints(etcd.endpoints())
+            .with_prefix(prefix)
+    };
+    let run = |config: leasehold_server::Config| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            leasehold_server::run(listener, config, std::future::pending()),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("still running"))
+        .and_then(|r| r.map_err(anyhow::Error::from))
+    };
+    assert!(
+        run(config("/team-a"))
+            .await
+            .is_err_and(|e| e.to_string() == "still running")
+    );
+    assert!(
+        run(config("/team-a/"))
+            .await
+            .is_err_and(|e| e.to_string() == "still running")
+    );
+    assert!(
+        run(config("/team-ab"))
+            .await
+            .is_err_and(|e| e.to_string() == "still running")
+    );
+    for nested in ["/team-a/inner", "/"] {
+        let err = run(config(nested)).await.unwrap_err().to_string();
+        assert!(
+            err.contains("nests with") && err.contains("/team-a"),
+            "{nested}: {err}"
+        );
+    }
+    Ok(())
+}

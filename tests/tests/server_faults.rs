@@ -588,3 +588,85 @@ async fn a_stalled_member_is_avoided() -> Result<()> {
     );
     Ok(())
 }
+
+/// The counter `name` in a server's `/metrics` (0 when absent).
+async fn counter(api: &Api, name: &str) -> Result<f64> {
+    let text = api
+        .http()
+        .get(format!("{}/metrics", api.base()))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+/// An idle server's one etcd watch stays up on an etcd with default settings: its HTTP/2
+/// keep-alive pings stay within etcd's default policy (at least 5 s apart), so etcd never
+/// answers "too many pings" and tears the connection down (with 2 s pings it broke every ~8 s).
+#[tokio::test]
+async fn idle_watch_survives_a_minute_on_a_default_etcd() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = ServerProcess::spawn(&server_bin!(), &etcd.endpoints(), &[]).await?;
+    let api = Api::new(server.url());
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(counter(&api, "leasehold_watch_restarts_total").await?, 0.0);
+    // And the watch still works: a waiter is woken by a release.
+    let (_, held) = api.acquire_ttl("idle", "10s", "0s").await?;
+    let waiter = tokio::spawn({
+        let api = api.clone();
+        async move { api.acquire_ttl("idle", "10s", "5s").await }
+    });
+    wait_for_queue(&etcd, "idle", 2).await?;
+    let released = Instant::now();
+    api.post("/v1/locks/idle/release", json!({"token": token(&held)}))
+        .await?;
+    assert_eq!(waiter.await??.0, 200);
+    assert!(
+        released.elapsed() < Duration::from_secs(2),
+        "woken by the watch"
+    );
+    Ok(())
+}
+
+/// A `ttl` acquire whose client hangs up while the server is still granting its lease leaves
+/// no lease behind (the server revokes it), even when the grant itself lands late.
+#[tokio::test]
+async fn hang_up_during_the_lease_grant_leaves_no_lease() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let proxy = leasehold_tests::delay::DelayProxy::start(&etcd.endpoint(0)).await?;
+    let server =
+        ServerProcess::spawn(&server_bin!(), &[proxy.url()], &["--etcd-timeout", "3s"]).await?;
+    let api = Api::new(server.url());
+    api.get("/readyz").await?; // a live connection, so the grant goes out at once
+    proxy.set_delay(Duration::from_millis(1500));
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()?;
+    let gave_up = impatient
+        .post(format!("{}/v1/locks/hangup/acquire", server.url()))
+        .json(&json!({"ttl": "30s", "wait": "10s"}))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the client hung up during the grant");
+    proxy.set_delay(Duration::ZERO);
+    // The grant lands at 1.5 s; the revoke the server sent on hang-up lands right after it.
+    let mut client = etcd.client().await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let leases = client.leases().await?;
+        if leases.leases().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a lease nobody was told of is still there: {:?}",
+            leases.leases()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
