@@ -39,6 +39,7 @@ pub struct BuyerOutcome {
 pub struct Shop {
     ledgers: Vec<Mutex<Ledger>>,
     endpoints: Vec<String>,
+    bearer_token: Option<String>,
     run_id: String,
     hot_seats: u32,
     seats_per_buyer: u32,
@@ -85,6 +86,7 @@ impl Shop {
         Ok(Self {
             ledgers,
             endpoints,
+            bearer_token: options.bearer_token.clone(),
             run_id: uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
             hot_seats: options.hot_seats,
             seats_per_buyer: options.seats_per_buyer.max(1),
@@ -113,10 +115,13 @@ impl Shop {
         let n = self.endpoints.len();
         let first = id as usize % n;
         let rotated = (0..n).map(|i| self.endpoints[(first + i) % n].clone());
-        Ok(Client::builder()
+        let mut builder = Client::builder()
             .endpoints(rotated)
-            .request_timeout(Duration::from_secs(5))
-            .build()?)
+            .request_timeout(Duration::from_secs(5));
+        if let Some(token) = &self.bearer_token {
+            builder = builder.bearer_token(token);
+        }
+        Ok(builder.build()?)
     }
 
     /// Runs `f` on a ledger connection, off the async threads.

@@ -81,6 +81,8 @@ pub struct Options {
     pub wait: Duration,
     /// Draw a progress bar on stderr.
     pub progress: bool,
+    /// The bearer token for servers that require one.
+    pub bearer_token: Option<String>,
 }
 
 impl Default for Options {
@@ -102,6 +104,7 @@ impl Default for Options {
             stall_ttl: Duration::from_secs(2),
             wait: Duration::from_millis(250),
             progress: false,
+            bearer_token: None,
         }
     }
 }

@@ -50,6 +50,9 @@ struct Args {
     /// Use already-running servers instead of starting replicas (chaos then cannot kill one).
     #[arg(long, value_delimiter = ',')]
     endpoints: Vec<String>,
+    /// File holding the bearer token, for servers that require one (e.g. scripts/cluster's).
+    #[arg(long, env = "LEASEHOLD_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Chaos: some buyers stall past their TTL while holding a seat, and a replica is killed.
     #[arg(long)]
     chaos: bool,
@@ -101,6 +104,15 @@ fn main() -> ExitCode {
         .with_progress(!args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()));
     options.seats_per_buyer = args.seats_per_buyer;
     options.wait = args.wait;
+    if let Some(path) = &args.token_file {
+        match std::fs::read_to_string(path) {
+            Ok(token) => options.bearer_token = Some(token.trim().to_owned()),
+            Err(err) => {
+                eprintln!("concert: reading the token file {}: {err}", path.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
     if let Some(path) = args.ledger {
         options = options.with_ledger(path);
     }

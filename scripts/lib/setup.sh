@@ -30,6 +30,24 @@ check_protoc_compiles() {
   return "$rc"
 }
 check_protoc() { command -v protoc >/dev/null 2>&1 && protoc --version >/dev/null 2>&1; }
+# rustc links every binary and build script with `cc`, and the C parts of the dependencies
+# (ring, aws-lc-sys, bundled SQLite) are compiled with it: `cc` is gcc's, but crt1.o, libc's headers
+# and libc.so/libm/libpthread to link against are in libc6-dev, only a "recommends" of gcc.
+check_cc() { command -v cc >/dev/null 2>&1 && cc --version >/dev/null 2>&1; }
+check_cc_links() {
+  command -v cc >/dev/null 2>&1 || return 1
+  local dir rc
+  dir=$(mktemp -d)
+  printf '#include <stdio.h>\n#include <math.h>\n#include <pthread.h>\nint main(void) { printf("%%f", sqrt(2.0)); return pthread_self() == 0; }\n' >"$dir/probe.c"
+  # Linked, not run: a noexec /tmp must not look like a missing package.
+  cc -o "$dir/probe" "$dir/probe.c" -lm -lpthread -ldl >/dev/null 2>&1
+  rc=$?
+  rm -rf "$dir"
+  return "$rc"
+}
+# reqwest (rustls with the platform verifier) loads the system's CA store when a client is built,
+# even for plain-http endpoints, and fails with "builder error" if it finds no certificate at all.
+check_ca_certificates() { grep -q 'BEGIN CERTIFICATE' "${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}" 2>/dev/null; }
 check_etcd() { "${LEASEHOLD_ETCD_BIN:-etcd}" --version >/dev/null 2>&1; }
 check_etcdctl() { ETCDCTL_API=3 etcdctl version >/dev/null 2>&1; }
 check_promtool() { promtool --version >/dev/null 2>&1; }
@@ -42,6 +60,9 @@ check_python3_venv() { python3 -c 'import ensurepip, venv' >/dev/null 2>&1; }
 # package: check that proves it. The demo needs the first group; the tests need all of them.
 # (No sqlite3 CLI: the demo's ledger links SQLite through rusqlite's bundled build.)
 REQUIREMENTS=(
+  "gcc:check_cc"
+  "libc6-dev:check_cc_links"
+  "ca-certificates:check_ca_certificates"
   "protobuf-compiler:check_protoc"
   "libprotobuf-dev:check_protoc_compiles"
   "etcd-server:check_etcd"

@@ -50,6 +50,52 @@ pub struct Args {
     /// anyone who can reach the server may use every lock name (fine on loopback).
     #[arg(long, env = "LEASEHOLD_AUTH_FILE")]
     pub auth_file: Option<std::path::PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key); re-read on SIGHUP.
+    #[arg(
+        long,
+        env = "LEASEHOLD_TLS_CERT",
+        requires = "tls_key",
+        value_name = "PATH"
+    )]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "LEASEHOLD_TLS_KEY",
+        requires = "tls_cert",
+        value_name = "PATH"
+    )]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// PEM CA that signed etcd's certificates (for https:// etcd endpoints).
+    #[arg(long, env = "LEASEHOLD_ETCD_CA_FILE", value_name = "PATH")]
+    pub etcd_ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate for etcd's --client-cert-auth (with --etcd-key).
+    #[arg(
+        long,
+        env = "LEASEHOLD_ETCD_CERT",
+        requires = "etcd_key",
+        value_name = "PATH"
+    )]
+    pub etcd_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --etcd-cert.
+    #[arg(
+        long,
+        env = "LEASEHOLD_ETCD_KEY",
+        requires = "etcd_cert",
+        value_name = "PATH"
+    )]
+    pub etcd_key: Option<std::path::PathBuf>,
+    /// etcd user (with --etcd-password-file), when etcd has auth enabled.
+    #[arg(long, env = "LEASEHOLD_ETCD_USER", requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+    /// File holding the etcd user's password (never on the command line).
+    #[arg(
+        long,
+        env = "LEASEHOLD_ETCD_PASSWORD_FILE",
+        requires = "etcd_user",
+        value_name = "PATH"
+    )]
+    pub etcd_password_file: Option<std::path::PathBuf>,
     /// Log format. Filter with RUST_LOG (default: info). Traces are exported over OTLP when
     /// OTEL_EXPORTER_OTLP_ENDPOINT is set (OTEL_SERVICE_NAME defaults to leasehold-server).
     #[arg(long, env = "LEASEHOLD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -66,18 +112,36 @@ pub enum LogFormat {
 }
 
 impl Args {
-    /// The server configuration these flags describe.
-    pub fn config(&self) -> Config {
-        let config = Config::default()
+    /// The server configuration these flags describe (reads the etcd password file).
+    pub fn config(&self) -> Result<Config, String> {
+        let mut config = Config::default()
             .with_etcd_endpoints(self.etcd_endpoints.iter().cloned())
             .with_prefix(self.prefix.clone())
             .with_etcd_timeout(self.etcd_timeout)
             .with_limits(self.max_ttl, self.max_wait)
             .with_connection_limits(self.max_connections, self.header_timeout);
-        match &self.auth_file {
-            Some(path) => config.with_auth_file(path),
-            None => config,
+        if let Some(path) = &self.auth_file {
+            config = config.with_auth_file(path);
         }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            config = config.with_tls(cert, key);
+        }
+        let mut security = crate::EtcdSecurity {
+            ca_file: self.etcd_ca_file.clone(),
+            ..Default::default()
+        };
+        if let (Some(cert), Some(key)) = (&self.etcd_cert, &self.etcd_key) {
+            security.client_cert = Some((cert.clone(), key.clone()));
+        }
+        if let (Some(user), Some(path)) = (&self.etcd_user, &self.etcd_password_file) {
+            let password = std::fs::read_to_string(path)
+                .map_err(|err| format!("reading {}: {err}", path.display()))?;
+            security.user = Some((
+                user.clone(),
+                password.trim_end_matches(['\r', '\n']).to_owned(),
+            ));
+        }
+        Ok(config.with_etcd_security(security))
     }
 }
 
@@ -109,8 +173,11 @@ pub fn main() -> ExitCode {
 }
 
 async fn serve(args: Args) -> std::io::Result<()> {
+    let config = args
+        .config()
+        .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err))?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    crate::run(listener, args.config(), shutdown_signal()).await
+    crate::run(listener, config, shutdown_signal()).await
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -44,6 +44,7 @@ use std::future::Future;
 use std::time::Duration;
 
 pub use handle::{AuthDigest, Handle, InvalidHandle};
+pub use http::tls::TlsFiles;
 pub use http::{AppState, Limits, app, router_and_openapi};
 pub use keys::{InvalidName, KeySchema, LeaseId, LeaseMeta, LockName, MAX_NAME_BYTES, WaiterValue};
 pub use lease::{GrantedLease, LeaseInfo};
@@ -78,6 +79,22 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// Bearer tokens and tenants (JSON, see `tenants.rs`); `None`: no authentication.
     pub auth_file: Option<std::path::PathBuf>,
+    /// Serve the API over HTTPS with this certificate and key (re-read on SIGHUP).
+    pub tls: Option<http::tls::TlsFiles>,
+    /// How to reach etcd securely: TLS (CA, client certificate) and user/password.
+    pub etcd_security: EtcdSecurity,
+}
+
+/// TLS and authentication towards etcd.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct EtcdSecurity {
+    /// PEM CA that signed etcd's certificates (for `https://` endpoints).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate and key, for etcd's `--client-cert-auth`.
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// etcd user and password (etcd's `auth enable`).
+    pub user: Option<(String, String)>,
 }
 
 impl Default for Config {
@@ -91,6 +108,8 @@ impl Default for Config {
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),
             auth_file: None,
+            tls: None,
+            etcd_security: EtcdSecurity::default(),
         }
     }
 }
@@ -134,6 +153,25 @@ impl Config {
         self
     }
 
+    /// The same configuration, serving HTTPS with this certificate chain and key (PEM).
+    pub fn with_tls(
+        mut self,
+        cert: impl Into<std::path::PathBuf>,
+        key: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        self.tls = Some(http::tls::TlsFiles {
+            cert: cert.into(),
+            key: key.into(),
+        });
+        self
+    }
+
+    /// The same configuration with this way of reaching etcd securely.
+    pub fn with_etcd_security(mut self, security: EtcdSecurity) -> Self {
+        self.etcd_security = security;
+        self
+    }
+
     /// The same configuration with these TTL and wait maxima.
     pub fn with_limits(mut self, max_ttl: Duration, max_wait: Duration) -> Self {
         self.max_ttl = max_ttl;
@@ -161,9 +199,19 @@ pub async fn run(
             Tenants::open()
         }
     };
-    let store = Store::connect(&config.etcd_endpoints, config.etcd_timeout)
-        .await
-        .map_err(|err| invalid(err.to_string()))?;
+    let tls = config
+        .tls
+        .clone()
+        .map(http::tls::ReloadableTls::load)
+        .transpose()
+        .map_err(invalid)?;
+    let store = Store::connect(
+        &config.etcd_endpoints,
+        config.etcd_timeout,
+        &config.etcd_security,
+    )
+    .await
+    .map_err(|err| invalid(err.to_string()))?;
     let service = Service::new(store, &config.prefix);
     // Two deployments whose prefixes nest would read each other's keys: refuse to start. If etcd
     // does not answer now, the check runs again until it does.
@@ -199,7 +247,7 @@ pub async fn run(
         },
         tenants: tenants.clone(),
     };
-    let reload = tokio::spawn(reload_on_sighup(tenants));
+    let reload = tokio::spawn(reload_on_sighup(tenants, tls.clone()));
     let stopped_by_conflict = conflict.clone();
     let shutdown = async move {
         tokio::select! {
@@ -225,6 +273,7 @@ pub async fn run(
         listener,
         app(state),
         limits,
+        tls,
         shutdown,
         move || {
             tracing::info!("shutting down: cancelling waits");
@@ -246,8 +295,9 @@ pub async fn run(
     Ok(())
 }
 
-/// Re-reads the auth file on SIGHUP; a file that fails to load leaves the old one in force.
-async fn reload_on_sighup(tenants: Tenants) {
+/// Re-reads the auth file and the TLS certificate on SIGHUP; what fails to load leaves the old
+/// one in force.
+async fn reload_on_sighup(tenants: Tenants, tls: Option<http::tls::ReloadableTls>) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
         return;
@@ -260,6 +310,14 @@ async fn reload_on_sighup(tenants: Tenants) {
             Ok(_) => {}
             Err(err) => {
                 tracing::error!(error = %err, "auth file not reloaded; the old one stays in force")
+            }
+        }
+        if let Some(tls) = &tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificate reloaded"),
+                Err(err) => {
+                    tracing::error!(error = %err, "TLS certificate not reloaded; the old one stays in force")
+                }
             }
         }
     }

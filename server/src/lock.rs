@@ -1051,9 +1051,13 @@ mod tests {
     /// hundreds of them.
     #[tokio::test]
     async fn an_acquire_future_is_small() {
-        let store = Store::connect(&["http://127.0.0.1:1".to_owned()], Duration::from_secs(1))
-            .await
-            .unwrap();
+        let store = Store::connect(
+            &["http://127.0.0.1:1".to_owned()],
+            Duration::from_secs(1),
+            &crate::EtcdSecurity::default(),
+        )
+        .await
+        .unwrap();
         let service = Service::new(store, "/test");
         let acquire = service.acquire(AcquireRequest {
             name: LockName::new("a").unwrap(),

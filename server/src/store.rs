@@ -110,8 +110,9 @@ impl Store {
     pub async fn connect(
         endpoints: &[String],
         request_timeout: Duration,
+        security: &crate::EtcdSecurity,
     ) -> Result<Self, StoreError> {
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(request_timeout.min(Duration::from_secs(2)))
             .with_timeout(request_timeout)
             // Detect a stalled member (paused, partitioned) on long-lived watch streams. Not more
@@ -122,12 +123,31 @@ impl Store {
             .with_keep_alive_while_idle(true)
             // A member cut off from its leader must not serve our watch: etcd cancels it and we
             // re-establish it elsewhere.
-            .with_require_leader(true);
+            .with_require_leader(true)
+            .with_auto_token_refresh(true);
+        if let Some(tls) = tls_options(security)? {
+            options = options.with_tls(tls);
+        }
         let mut clients = Vec::with_capacity(endpoints.len());
         for endpoint in endpoints {
             let client = Client::connect([endpoint], Some(options.clone()))
                 .await
                 .map_err(StoreError::from)?;
+            // etcd authenticates at connect time, which would fail while etcd is down; the
+            // server must start anyway (not ready until etcd answers). So the credentials are
+            // given in the background, retried until etcd accepts them; until then every call
+            // is refused and answered 503.
+            if let Some(user) = security.user.clone() {
+                let mut authenticating = client.clone();
+                tokio::spawn(async move {
+                    let mut pause = Duration::from_millis(100);
+                    while let Err(err) = authenticating.update_user(Some(user.clone())).await {
+                        tracing::debug!(error = %err, "etcd authentication failed; retrying");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
+                });
+            }
             clients.push(Endpoint {
                 client,
                 suspect_until_ms: AtomicU64::new(0),
@@ -343,6 +363,27 @@ impl Store {
         )
         .await
     }
+}
+
+/// etcd-client's TLS options for `security`, if it asks for TLS.
+fn tls_options(
+    security: &crate::EtcdSecurity,
+) -> Result<Option<etcd_client::TlsOptions>, StoreError> {
+    if security.ca_file.is_none() && security.client_cert.is_none() {
+        return Ok(None);
+    }
+    let read = |path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|err| StoreError::Unavailable(format!("reading {}: {err}", path.display())))
+    };
+    let mut tls = etcd_client::TlsOptions::new();
+    if let Some(ca) = &security.ca_file {
+        tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+    }
+    if let Some((cert, key)) = &security.client_cert {
+        tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(Some(tls))
 }
 
 /// The etcd revision an answer was read or written at, for the call's span.

@@ -95,11 +95,83 @@ struct Member {
     process: Option<Child>,
 }
 
+/// A CA and certificates signed by it, as PEM files in a temp dir: for HTTPS servers and etcd
+/// with TLS. The server certificate names `127.0.0.1` and `localhost`.
+pub struct TestPki {
+    /// The CA certificate.
+    pub ca: PathBuf,
+    /// A server certificate for 127.0.0.1 / localhost.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// A client certificate with common name `root` (for etcd's `--client-cert-auth`; with
+    /// auth on, etcd takes a certificate's common name as the user): the kit's own.
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
+    /// A client certificate for the server under test, named after no etcd user: with auth on
+    /// it gets nothing without its user and password.
+    pub app_cert: PathBuf,
+    /// Its key.
+    pub app_key: PathBuf,
+    _dir: TempDir,
+}
+
+impl TestPki {
+    /// A fresh CA with a server and a client certificate.
+    pub fn generate() -> Result<Self> {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+        let dir = tempfile::tempdir()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "leasehold test CA");
+        let ca_key = KeyPair::generate()?;
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |name: &str| -> Result<(String, String)> {
+            let mut params = CertificateParams::new(vec!["localhost".to_owned()])?;
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            let key = KeyPair::generate()?;
+            let cert = params.signed_by(&key, &issuer)?;
+            Ok((cert.pem(), key.serialize_pem()))
+        };
+        let (server_cert, server_key) = leaf("server")?;
+        let (client_cert, client_key) = leaf("root")?;
+        let (app_cert, app_key) = leaf("leasehold-app")?;
+        let write = |name: &str, text: &str| -> Result<PathBuf> {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text)?;
+            Ok(path)
+        };
+        Ok(Self {
+            ca: write("ca.pem", &ca_cert.pem())?,
+            cert: write("server.pem", &server_cert)?,
+            key: write("server-key.pem", &server_key)?,
+            client_cert: write("client.pem", &client_cert)?,
+            client_key: write("client-key.pem", &client_key)?,
+            app_cert: write("app.pem", &app_cert)?,
+            app_key: write("app-key.pem", &app_key)?,
+            _dir: dir,
+        })
+    }
+}
+
 /// A real etcd cluster of 1 or more members on loopback.
 pub struct EtcdCluster {
     members: Vec<Member>,
     initial_cluster: String,
     token: String,
+    /// Client URLs are `https://`, with these certificates and client-certificate auth.
+    tls: Option<(PathBuf, PathBuf, PathBuf, PathBuf, PathBuf)>,
+    /// The root user's credentials once [`EtcdCluster::enable_auth`] ran.
+    root: Option<(String, String)>,
     _dir: TempDir,
 }
 
@@ -116,7 +188,28 @@ impl EtcdCluster {
         Self::start_in(size, &std::env::temp_dir()).await
     }
 
+    /// Like [`EtcdCluster::start`], with TLS on the client URLs (certificates from `pki`) and
+    /// client-certificate authentication, as a hardened etcd runs.
+    pub async fn start_secure(size: usize, pki: &TestPki) -> Result<Self> {
+        let tls = (
+            pki.ca.clone(),
+            pki.cert.clone(),
+            pki.key.clone(),
+            pki.client_cert.clone(),
+            pki.client_key.clone(),
+        );
+        Self::start_with(size, &scratch_root(), Some(tls)).await
+    }
+
     async fn start_in(size: usize, root: &Path) -> Result<Self> {
+        Self::start_with(size, root, None).await
+    }
+
+    async fn start_with(
+        size: usize,
+        root: &Path,
+        tls: Option<(PathBuf, PathBuf, PathBuf, PathBuf, PathBuf)>,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("leasehold-etcd-")
             .tempdir_in(root)?;
@@ -140,6 +233,8 @@ impl EtcdCluster {
             members,
             initial_cluster,
             token: format!("leasehold-test-{}", std::process::id()),
+            tls,
+            root: None,
             _dir: dir,
         };
         for i in 0..size {
@@ -156,9 +251,21 @@ impl EtcdCluster {
             .create(true)
             .append(true)
             .open(&m.log)?;
-        let client_url = format!("http://127.0.0.1:{}", m.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{}", m.client_port);
         let peer_url = format!("http://127.0.0.1:{}", m.peer_port);
-        let child = Command::new(etcd_bin())
+        let mut command = Command::new(etcd_bin());
+        if let Some((ca, cert, key, _, _)) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(cert)
+                .arg("--key-file")
+                .arg(key)
+                .arg("--trusted-ca-file")
+                .arg(ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.data_dir)
@@ -187,23 +294,61 @@ impl EtcdCluster {
 
     /// Client URLs of all members, comma-free list.
     pub fn endpoints(&self) -> Vec<String> {
-        self.members
-            .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
-            .collect()
+        (0..self.members.len()).map(|i| self.endpoint(i)).collect()
     }
 
     /// The client URL of member `i`.
     pub fn endpoint(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.members[i].client_port)
+    }
+
+    /// Connect options for the kit's own clients: TLS with the client certificate when the
+    /// cluster is secure, and the root user once auth is on.
+    fn connect_options(&self) -> Result<etcd_client::ConnectOptions> {
+        let mut options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(3));
+        if let Some((ca, _, _, client_cert, client_key)) = &self.tls {
+            options = options.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(ca)?))
+                    .identity(etcd_client::Identity::from_pem(
+                        std::fs::read(client_cert)?,
+                        std::fs::read(client_key)?,
+                    )),
+            );
+        }
+        if let Some((user, password)) = &self.root {
+            options = options.with_user(user, password);
+        }
+        Ok(options)
     }
 
     /// An etcd client on every member, for reading etcd directly in assertions.
     pub async fn client(&self) -> Result<etcd_client::Client> {
-        let options = etcd_client::ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(3));
-        Ok(etcd_client::Client::connect(self.endpoints(), Some(options)).await?)
+        Ok(etcd_client::Client::connect(self.endpoints(), Some(self.connect_options()?)).await?)
+    }
+
+    /// Turns on etcd's authentication: a root user, and a user `leasehold` whose role may read
+    /// and write every key under each of `prefixes`. Returns that user's name and password.
+    pub async fn enable_auth(&mut self, prefixes: &[&str]) -> Result<(String, String)> {
+        use etcd_client::Permission;
+        let mut client = self.client().await?;
+        let (root, user, password) = ("root", "leasehold", "leasehold-secret");
+        client.user_add(root, "root-secret", None).await?;
+        client.user_grant_role(root, "root").await?;
+        client.role_add("leasehold").await?;
+        for prefix in prefixes {
+            client
+                .role_grant_permission("leasehold", Permission::read_write(*prefix).with_prefix())
+                .await?;
+        }
+        client.user_add(user, password, None).await?;
+        client.user_grant_role(user, "leasehold").await?;
+        client.auth_enable().await?;
+        self.root = Some((root.to_owned(), "root-secret".to_owned()));
+        Ok((user.to_owned(), password.to_owned()))
     }
 
     /// Waits until a linearizable read succeeds (the cluster has a leader and quorum).
@@ -323,11 +468,25 @@ impl TestServer {
         let task = tokio::spawn(leasehold_server::run(listener, config, async move {
             let _ = rx.await;
         }));
-        Ok(Self {
+        let server = Self {
             addr,
             shutdown: Some(tx),
             task: Some(task),
-        })
+        };
+        // Serving means start-up (the prefix check and its registry write) is over: tests that
+        // compare etcd's revision before and after a request see only the request's writes.
+        let api = Api::new(server.url());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !matches!(api.get("/healthz").await, Ok((200, _))) {
+            if server.task.as_ref().is_some_and(|t| t.is_finished()) {
+                bail!("the server stopped during start-up");
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("server did not come up on {addr}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(server)
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -377,9 +536,24 @@ impl ServerProcess {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::spawn_full(bin, endpoints, args, env, None, None).await
+    }
+
+    /// The general form: extra environment, stderr (the logs) to `log` instead of the test's,
+    /// and, for a server on HTTPS, the CA that signed its certificate (it is polled over HTTPS
+    /// until it serves).
+    pub async fn spawn_full(
+        bin: &Path,
+        endpoints: &[String],
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: Option<&Path>,
+        https_ca: Option<&Path>,
+    ) -> Result<Self> {
         let port = free_port()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-        let child = Command::new(bin)
+        let mut command = Command::new(bin);
+        command
             .args(["--listen", &addr.to_string()])
             .args(["--etcd-endpoints", &endpoints.join(",")])
             .args(args)
@@ -389,14 +563,21 @@ impl ServerProcess {
             )
             .envs(env.iter().copied())
             .stdin(Stdio::null())
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        if let Some(log) = log {
+            command.stderr(std::fs::File::create(log)?);
+        }
+        let child = command
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let server = Self {
             addr,
             child: Some(child),
         };
-        let api = Api::new(server.url());
+        let api = match https_ca {
+            None => Api::new(server.url()),
+            Some(ca) => Api::with_ca(format!("https://{addr}"), ca)?,
+        };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while !matches!(api.get("/healthz").await, Ok((200, _))) {
             if tokio::time::Instant::now() > deadline {
@@ -507,6 +688,20 @@ impl Api {
             send_handles: true,
             bearer: None,
         }
+    }
+
+    /// A helper for an HTTPS server whose certificate `ca` signed.
+    pub fn with_ca(base: impl Into<String>, ca: &Path) -> Result<Self> {
+        let certificate = reqwest::Certificate::from_pem(&std::fs::read(ca)?)?;
+        Ok(Self {
+            base: base.into(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .tls_certs_only([certificate])
+                .build()?,
+            send_handles: true,
+            bearer: None,
+        })
     }
 
     /// The same helper, but it never sends a handle: a client that knows only what is public.

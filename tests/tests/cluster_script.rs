@@ -261,6 +261,18 @@ async fn cluster_script_up_alert_down() -> Result<()> {
         .build()?;
     let prometheus = cluster.prometheus();
 
+    // Authentication is on: the API wants the bearer token `up` wrote.
+    let token = std::fs::read_to_string(cluster.state.join("token"))?;
+    let server = format!("http://127.0.0.1:{}", cluster.server_ports[0]);
+    let anonymous = leasehold_tests::Api::new(&server);
+    let (status, _) = anonymous.acquire_ttl("cluster-auth", "5s", "0s").await?;
+    assert_eq!(status, 401, "no token, no lock");
+    let (status, body) = anonymous
+        .with_bearer(token.trim())
+        .acquire_ttl("cluster-auth", "5s", "0s")
+        .await?;
+    assert_eq!(status, 200, "{body}");
+
     // `up` again: says so, starts nothing.
     let again = cluster.run(&["up"])?;
     assert!(again.status.success());

@@ -982,3 +982,27 @@ fn alerts_are_complete() {
         }
     }
 }
+
+/// Both servers read the mounted auth file, and it is one the server accepts (authentication is
+/// on in the compose stack).
+#[test]
+fn compose_servers_require_bearer_tokens() {
+    let compose = read(&compose_dir().join("docker-compose.yml"));
+    assert_eq!(
+        compose
+            .matches("LEASEHOLD_AUTH_FILE: /etc/leasehold/auth.json")
+            .count(),
+        2,
+        "both replicas read the auth file"
+    );
+    assert!(compose.contains("./auth.json:/etc/leasehold/auth.json:ro"));
+    let tenants = leasehold_server::Tenants::from_file(&compose_dir().join("auth.json"))
+        .expect("compose/auth.json loads");
+    assert!(tenants.required());
+    assert!(
+        tenants
+            .authenticate(Some("Bearer demo-token-change-me"))
+            .is_ok()
+    );
+    assert!(tenants.authenticate(None).is_err());
+}

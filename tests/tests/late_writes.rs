@@ -305,6 +305,11 @@ async fn late_release_spares_a_re_acquired_hold() -> Result<()> {
         });
         wait_queued(&ok, &lock, 2).await?;
         warm(&via).await?;
+        // The mixed server takes its endpoints in turn: every other mixed trial shifts the turn
+        // by one call, so that both orders (read or write on the held-back endpoint) are tried.
+        if trial % 4 == 3 {
+            via.get("/readyz").await?;
+        }
         rig.stall(Duration::from_secs(8));
         let (code, body) = via
             .post(

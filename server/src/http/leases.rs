@@ -69,6 +69,7 @@ pub struct LeaseInfoResponse {
 /// Grants a lease. Send a `Leasehold-Handle` header of your own (at least 128 random bits) to
 /// make the grant idempotent: a retry with the same handle answers the same lease.
 #[utoipa::path(post, path = "/v1/leases", tag = "leases",
+    params(("Leasehold-Handle" = Option<String>, Header, description = "A handle of your own (at least 128 random bits) makes the grant idempotent; else the server makes one")),
     request_body = GrantLeaseBody,
     responses(
         (status = 201, description = "Lease granted", body = LeaseResponse),
@@ -108,9 +109,10 @@ pub async fn grant_lease(
 
 /// Refreshes a lease to its full TTL.
 #[utoipa::path(post, path = "/v1/leases/{lease_id}/keepalive", tag = "leases",
-    params(("lease_id" = String, Path, description = "Lease id")),
+    params(("lease_id" = String, Path, description = "Lease id"), ("Leasehold-Handle" = Option<String>, Header, description = "The lease's secret handle (required)")),
     responses(
         (status = 200, description = "Lease refreshed", body = KeepAliveResponse),
+        (status = 400, description = "invalid_request (malformed handle)", body = ErrorBody),
         (status = 401, description = "unauthorized", body = ErrorBody),
         (status = 403, description = "forbidden (missing or wrong handle)", body = ErrorBody),
         (status = 404, description = "lease_not_found", body = ErrorBody),
@@ -158,9 +160,10 @@ pub async fn show_lease(
 
 /// Revokes a lease: every lock held or awaited under it is freed at once.
 #[utoipa::path(delete, path = "/v1/leases/{lease_id}", tag = "leases",
-    params(("lease_id" = String, Path, description = "Lease id")),
+    params(("lease_id" = String, Path, description = "Lease id"), ("Leasehold-Handle" = Option<String>, Header, description = "The lease's secret handle (required)")),
     responses(
         (status = 204, description = "Lease revoked"),
+        (status = 400, description = "invalid_request (malformed handle)", body = ErrorBody),
         (status = 401, description = "unauthorized", body = ErrorBody),
         (status = 403, description = "forbidden (missing or wrong handle)", body = ErrorBody),
         (status = 404, description = "lease_not_found", body = ErrorBody),

@@ -117,7 +117,7 @@ pub struct LockStatusResponse {
 
 /// Acquires a lock, waiting in line up to `wait`.
 #[utoipa::path(post, path = "/v1/locks/{name}/acquire", tag = "locks",
-    params(("name" = String, Path, description = "Lock name, percent-encoded")),
+    params(("name" = String, Path, description = "Lock name, percent-encoded"), ("Leasehold-Handle" = Option<String>, Header, description = "The handle of `lease_id` (required with `lease_id`)")),
     request_body = AcquireBody,
     responses(
         (status = 200, description = "Lock granted", body = AcquireResponse),
@@ -195,7 +195,7 @@ pub async fn acquire_lock(
 
 /// Keeps the holder's lease alive, if `token` still holds the lock.
 #[utoipa::path(post, path = "/v1/locks/{name}/renew", tag = "locks",
-    params(("name" = String, Path, description = "Lock name, percent-encoded")),
+    params(("name" = String, Path, description = "Lock name, percent-encoded"), ("Leasehold-Handle" = Option<String>, Header, description = "The lease's secret handle (required)")),
     request_body = TokenBody,
     responses(
         (status = 200, description = "Hold renewed", body = RenewResponse),
@@ -228,7 +228,7 @@ pub async fn renew_lock(
 
 /// Releases the lock, if `token` holds it; deletes nothing otherwise.
 #[utoipa::path(post, path = "/v1/locks/{name}/release", tag = "locks",
-    params(("name" = String, Path, description = "Lock name, percent-encoded")),
+    params(("name" = String, Path, description = "Lock name, percent-encoded"), ("Leasehold-Handle" = Option<String>, Header, description = "The lease's secret handle (required)")),
     request_body = TokenBody,
     responses(
         (status = 200, description = "Released", body = ReleaseResponse),

@@ -7,6 +7,7 @@ pub mod extract;
 pub mod leases;
 pub mod locks;
 pub mod serve;
+pub mod tls;
 
 use std::sync::Arc;
 

@@ -49,6 +49,7 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ConnectionLimits,
+    tls: Option<super::tls::ReloadableTls>,
     shutdown: impl Future<Output = ()>,
     on_stop: impl FnOnce(),
     grace: Duration,
@@ -79,13 +80,17 @@ pub async fn serve(
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, max = limits.max_connections, "connection limit reached");
+            let plain = tls.is_none();
             tokio::spawn(async move {
                 let mut stream = stream;
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    stream.write_all(TOO_MANY_CONNECTIONS),
-                )
-                .await;
+                // Over TLS a plaintext answer means nothing to the client: just close.
+                if plain {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        stream.write_all(TOO_MANY_CONNECTIONS),
+                    )
+                    .await;
+                }
                 let _ = stream.shutdown().await;
             });
             continue;
@@ -96,6 +101,7 @@ pub async fn serve(
         );
         let (builder, watcher) = (builder.clone(), graceful.watcher());
         let first_byte_timeout = limits.header_read_timeout;
+        let acceptor = tls.as_ref().map(super::tls::ReloadableTls::acceptor);
         tokio::spawn(async move {
             // hyper waits for a connection's first bytes (to tell HTTP/1 from HTTP/2) with no
             // timeout: a client that connects and sends nothing would keep its slot forever.
@@ -104,10 +110,28 @@ pub async fn serve(
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return, // silent, closed or broken: drop it (and its slot)
             }
-            let connection = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
-            if let Err(err) = watcher.watch(connection).await {
+            let result = match acceptor {
+                None => {
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    watcher.watch(connection).await
+                }
+                Some(acceptor) => {
+                    // The handshake is bounded like the headers: a slow one holds a slot.
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(first_byte_timeout, acceptor.accept(stream)).await
+                    else {
+                        tracing::debug!(%peer, "TLS handshake failed or timed out");
+                        return;
+                    };
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    watcher.watch(connection).await
+                }
+            };
+            if let Err(err) = result {
                 tracing::debug!(%peer, error = %err, "connection ended with an error");
             }
             drop(slot);
