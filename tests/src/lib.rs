@@ -429,6 +429,11 @@ impl EtcdCluster {
         )
     }
 
+    /// The process id of member `i`, while it runs (to read its CPU time and memory).
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].process.as_ref().and_then(|c| c.id())
+    }
+
     /// The number of members.
     pub fn size(&self) -> usize {
         self.members.len()
