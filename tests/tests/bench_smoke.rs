@@ -43,6 +43,7 @@ const COSTS: &[&str] = &[
     "costs.server_cores",
     "costs.etcd_cores",
     "costs.bench_cores",
+    "costs.other_cores",
     "costs.server_etcd_calls",
     "costs.etcd_requests",
     "costs.etcd_writes",

@@ -38,6 +38,7 @@ USAGE: leasehold-bench [OPTIONS]
 
   --quick               tiny counts and windows (seconds, for the smoke test); figures meaningless
   --json                print every figure as one JSON document (progress goes to stderr)
+  --json-out PATH       also write that JSON document to PATH
   --shm                 etcd's data dir on /dev/shm (tmpfs) instead of disk
   --seconds S           measured window per phase [5]
   --warmup S            warm-up before each window [1]
@@ -55,6 +56,7 @@ USAGE: leasehold-bench [OPTIONS]
 struct Args {
     quick: bool,
     json: bool,
+    json_out: Option<PathBuf>,
     shm: bool,
     seconds: f64,
     warmup: f64,
@@ -73,6 +75,7 @@ fn parse_args() -> Result<Args> {
     let mut args = Args {
         quick: false,
         json: false,
+        json_out: None,
         shm: false,
         seconds: 5.0,
         warmup: 1.0,
@@ -109,6 +112,7 @@ fn parse_args() -> Result<Args> {
         match flag.as_str() {
             "--quick" => {}
             "--json" => args.json = true,
+            "--json-out" => args.json_out = Some(value()?.into()),
             "--shm" => args.shm = true,
             "--seconds" => args.seconds = value()?.parse()?,
             "--warmup" => args.warmup = value()?.parse()?,
@@ -408,8 +412,13 @@ async fn run(args: Args) -> Result<()> {
             .unwrap_or_else(|e| e.into_inner())
             .clone(),
     };
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, format!("{json}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{json}");
     } else {
         print!("{}", report.markdown());
     }

@@ -51,6 +51,22 @@ pub fn load1() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// CPU seconds the whole machine spent busy (every CPU: user, nice, system, irq, softirq,
+/// steal; from the first line of `/proc/stat`).
+pub fn machine_busy_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let field = |i: usize| fields.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal
+    let busy = field(0) + field(1) + field(2) + field(5) + field(6) + field(7);
+    Ok(busy as f64 / ticks_per_second())
+}
+
 /// `/proc/loadavg`'s three averages, as `uptime` shows them.
 pub fn loadavg() -> [f64; 3] {
     let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -81,6 +97,7 @@ pub struct Snapshot {
     server_cpu: f64,
     etcd_cpu: f64,
     bench_cpu: f64,
+    machine_busy: f64,
     /// `leasehold_etcd_request_duration_seconds_count` by `op`.
     server_calls: BTreeMap<String, f64>,
     /// `grpc_server_msg_received_total` summed over methods: requests (and stream messages)
@@ -146,6 +163,7 @@ impl Probes {
             server_cpu: cpu_seconds(&self.server_pid.to_string())?,
             etcd_cpu: cpu_seconds(&self.etcd_pid.to_string())?,
             bench_cpu: cpu_seconds("self")?,
+            machine_busy: machine_busy_seconds()?,
             server_calls: sum_by_label(
                 &server_text,
                 "leasehold_etcd_request_duration_seconds_count",
@@ -171,6 +189,9 @@ pub struct Costs {
     pub server_cores: f64,
     pub etcd_cores: f64,
     pub bench_cores: f64,
+    /// Cores busy with anything else on the machine (other processes, the kernel's own work):
+    /// the interference the window suffered.
+    pub other_cores: f64,
     /// etcd calls the Leasehold server made per operation (its own metrics), in all and by op.
     pub server_etcd_calls: f64,
     pub server_etcd_calls_by_op: BTreeMap<String, f64>,
@@ -204,6 +225,12 @@ impl Costs {
             server_cores: (after.server_cpu - before.server_cpu) / secs,
             etcd_cores: (after.etcd_cpu - before.etcd_cpu) / secs,
             bench_cores: (after.bench_cpu - before.bench_cpu) / secs,
+            other_cores: ((after.machine_busy - before.machine_busy)
+                - (after.server_cpu - before.server_cpu)
+                - (after.etcd_cpu - before.etcd_cpu)
+                - (after.bench_cpu - before.bench_cpu))
+                .max(0.0)
+                / secs,
             server_etcd_calls: by_op.values().sum(),
             server_etcd_calls_by_op: by_op,
             etcd_requests: (after.etcd_requests - before.etcd_requests) / n,

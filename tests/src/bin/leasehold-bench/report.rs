@@ -52,7 +52,9 @@ pub const DEFINITIONS: &[(&str, &str)] = &[
          /proc/PID/stat) of the server, etcd and this benchmark process; etcd calls the server \
          made (leasehold_etcd_request_duration_seconds_count, by op); gRPC messages etcd \
          received (grpc_server_msg_received_total); raft entries etcd committed \
-         (etcd_server_proposals_committed_total); for etcd's lock service the server is idle",
+         (etcd_server_proposals_committed_total); for etcd's lock service the server is idle; \
+         other cores = the machine's busy CPU (/proc/stat) minus the three processes: \
+         interference from anything else running",
     ),
     (
         "memory",
@@ -227,7 +229,7 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "| tasks | system | cycles | rate | p50 | p99 | max | Leasehold / etcd | load |\n\
+            "| tasks | system | cycles | rate | p50 | p99 | max | Leasehold / etcd | other cores |\n\
              |---|---|---|---|---|---|---|---|---|"
         );
         for u in &self.uncontended {
@@ -250,11 +252,12 @@ impl Report {
 
         let _ = writeln!(
             out,
-            "\nPer uncontended cycle (CPU in microseconds; cores = average busy cores in the window):\n"
+            "\nPer uncontended cycle (CPU in microseconds; cores = average busy cores in the window; other = \
+             every other process on the machine, i.e. interference):\n"
         );
         let _ = writeln!(
             out,
-            "| tasks | system | server CPU | etcd CPU | bench CPU | server's etcd calls | etcd requests | etcd writes | cores server / etcd / bench |\n\
+            "| tasks | system | server CPU | etcd CPU | bench CPU | server's etcd calls | etcd requests | etcd writes | cores server / etcd / bench / other |\n\
              |---|---|---|---|---|---|---|---|---|"
         );
         for u in &self.uncontended {
@@ -309,7 +312,7 @@ impl Report {
         let _ = writeln!(out, "\n### Handoff\n\n{}.\n", DEFINITIONS[4].1);
         let _ = writeln!(
             out,
-            "| contenders | system | handoffs | rate | p50 | p99 | max | server CPU | etcd CPU | server's etcd calls | etcd writes | load |\n\
+            "| contenders | system | handoffs | rate | p50 | p99 | max | server CPU | etcd CPU | server's etcd calls | etcd writes | other cores |\n\
              |---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for h in &self.handoff {
@@ -320,7 +323,7 @@ impl Report {
                 let l = &p.latency;
                 let _ = writeln!(
                     out,
-                    "| {} | {name} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} |{}",
+                    "| {} | {name} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} |{}",
                     h.contenders,
                     int(l.count as f64),
                     rate(l.rate_per_s),
@@ -331,7 +334,7 @@ impl Report {
                     us(p.costs.etcd_cpu_us),
                     calls(p),
                     p.costs.etcd_writes,
-                    window_load(p.costs.load_before, p.costs.load_after),
+                    p.costs.other_cores,
                     if p.errors.is_empty() {
                         String::new()
                     } else {
@@ -391,10 +394,6 @@ fn load(l: &[f64; 3]) -> String {
     format!("{:.2} {:.2} {:.2}", l[0], l[1], l[2])
 }
 
-fn window_load(before: f64, after: f64) -> String {
-    format!("{before:.1}-{after:.1}")
-}
-
 /// A count with thousands separators.
 fn int(v: f64) -> String {
     let digits = format!("{:.0}", v);
@@ -446,13 +445,13 @@ fn by_op(total: f64, ops: &BTreeMap<String, f64>) -> String {
 fn cycle_row(tasks: usize, name: &str, p: &CyclePhase, ratio: &str) -> String {
     let l = &p.latency;
     let mut row = format!(
-        "| {tasks} | {name} | {} | {} | {} | {} | {} | {ratio} | {} |",
+        "| {tasks} | {name} | {} | {} | {} | {} | {} | {ratio} | {:.2} |",
         int(l.count as f64),
         rate(l.rate_per_s),
         ms(l.p50_ms),
         ms(l.p99_ms),
         ms(l.max_ms),
-        window_load(p.costs.load_before, p.costs.load_after),
+        p.costs.other_cores,
     );
     if !p.errors.is_empty() {
         let _ = write!(row, " errors: {}", errors(&p.errors));
@@ -466,7 +465,7 @@ fn cycle_row(tasks: usize, name: &str, p: &CyclePhase, ratio: &str) -> String {
 fn cost_row(tasks: usize, name: &str, p: &CyclePhase) -> String {
     let c = &p.costs;
     format!(
-        "| {tasks} | {name} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} / {:.2} / {:.2} |",
+        "| {tasks} | {name} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} / {:.2} / {:.2} / {:.2} |",
         us(c.server_cpu_us),
         us(c.etcd_cpu_us),
         us(c.bench_cpu_us),
@@ -475,7 +474,8 @@ fn cost_row(tasks: usize, name: &str, p: &CyclePhase) -> String {
         c.etcd_writes,
         c.server_cores,
         c.etcd_cores,
-        c.bench_cores
+        c.bench_cores,
+        c.other_cores
     )
 }
 
