@@ -152,6 +152,7 @@ async fn quick_json_run_reports_every_figure() -> Result<()> {
         for system in ["leasehold", "etcd"] {
             phase(&h[system], &format!("handoff {system}"))?;
             number(&h[system], "queue_filled_s")?;
+            number(&h[system], "cycled_once_s")?;
         }
     }
     for field in [

@@ -33,7 +33,8 @@ pub const DEFINITIONS: &[(&str, &str)] = &[
     (
         "handoff",
         "N contenders, each with its own lease, loop on one lock: acquire (waiting in the FIFO \
-         queue), release at once, queue again; the window opens once all N are queued; handoff \
+         queue), release at once, queue again; the warm-up starts once all N are queued and each \
+         has been granted once; handoff \
          latency = from the moment the holder's client sends its release to the moment the next \
          holder's client receives its grant; rate = grants received per second",
     ),

@@ -385,6 +385,9 @@ pub struct HandoffPhase {
     pub costs: Costs,
     /// Seconds from the first acquire until every contender was queued.
     pub queue_filled_s: f64,
+    /// Seconds from then until every contender had been granted once (steady state), after
+    /// which the warm-up and the window ran.
+    pub cycled_once_s: f64,
 }
 
 /// The baton passed from holder to holder: when the last release was sent.
@@ -394,11 +397,13 @@ struct Handoffs {
     errors: Mutex<BTreeMap<String, u64>>,
     window: OnceLock<Window>,
     started: AtomicUsize,
+    grants: AtomicUsize,
 }
 
 impl Handoffs {
     /// A contender's client received its grant at `at`.
     fn granted(&self, at: Instant) {
+        self.grants.fetch_add(1, Ordering::SeqCst);
         let sent = self
             .release_sent
             .lock()
@@ -436,7 +441,8 @@ impl Handoffs {
 }
 
 /// `contenders` tasks, each with its own lease, loop on one lock: acquire (waiting in the FIFO
-/// queue), release at once, queue again. The window opens once every contender is queued.
+/// queue), release at once, queue again. The warm-up starts once every contender is queued and
+/// has been granted once.
 pub async fn handoffs(
     ctx: &Ctx,
     system: System,
@@ -450,6 +456,7 @@ pub async fn handoffs(
         errors: Mutex::new(BTreeMap::new()),
         window: OnceLock::new(),
         started: AtomicUsize::new(0),
+        grants: AtomicUsize::new(0),
     });
     let mut tasks = Vec::with_capacity(contenders);
     let mut leasehold_leases_held = Vec::new();
@@ -561,6 +568,22 @@ pub async fn handoffs(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let queue_filled = filling.elapsed();
+    // Steady state: every contender has been granted once since the queue filled (so each has
+    // queued again behind the others), then the warm-up.
+    let grants_at_fill = state.grants.load(Ordering::SeqCst);
+    while state.grants.load(Ordering::SeqCst) < grants_at_fill + contenders {
+        if Instant::now() > deadline {
+            for task in &tasks {
+                task.abort();
+            }
+            anyhow::bail!(
+                "{}: {contenders} contenders did not all cycle once within 120 s",
+                system.describe()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cycled_once = filling.elapsed() - queue_filled;
     let window = Window::after(ctx.warmup, ctx.window);
     let _ = state.window.set(window);
     let (before, after) = window.snapshots(ctx.probes.clone()).await?;
@@ -587,6 +610,7 @@ pub async fn handoffs(
         errors,
         costs,
         queue_filled_s: queue_filled.as_secs_f64(),
+        cycled_once_s: cycled_once.as_secs_f64(),
     })
 }
 
