@@ -316,6 +316,7 @@ async fn run(args: Args) -> Result<()> {
     let ctx = Ctx {
         api: Api::new(server.url()),
         etcd: etcd_client,
+        etcd_endpoints: etcd.endpoints(),
         probes,
         key_prefix: "/leasehold".into(),
         run: run_id.clone(),

@@ -22,13 +22,14 @@ pub const DEFINITIONS: &[(&str, &str)] = &[
     ),
     (
         "etcd_lock_service",
-        "etcd-client's lock(name, lease) and unlock(key) (etcd's v3lock service), all tasks on \
-         one etcd-client connection",
+        "etcd-client's lock(name, lease) and unlock(key) (etcd's v3lock service), each task with \
+         its own etcd-client connection",
     ),
     (
         "leasehold",
         "POST /v1/locks/{name}/acquire {lease_id} then /release {token}, with the lease's handle, \
-         over HTTP/1.1 keep-alive connections to one leasehold-server process",
+         over HTTP/1.1 keep-alive connections (one per task in practice: a shared pool) to one \
+         leasehold-server process, which uses one connection to etcd",
     ),
     (
         "handoff",

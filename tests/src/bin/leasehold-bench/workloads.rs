@@ -51,8 +51,11 @@ pub struct PerfRequest {
 pub struct Ctx {
     /// The Leasehold server under test.
     pub api: Api,
-    /// etcd-client on the same etcd, without a request timeout (waits on etcd's lock can be long).
+    /// etcd-client on the same etcd, without a request timeout (waits on etcd's lock can be long),
+    /// for setup and queue counts.
     pub etcd: etcd_client::Client,
+    /// etcd's client URLs: each task of etcd's lock service connects its own client.
+    pub etcd_endpoints: Vec<String>,
     pub probes: Probes,
     /// The server's key prefix (its `--prefix`).
     pub key_prefix: String,
@@ -123,6 +126,23 @@ async fn etcd_leases(client: &etcd_client::Client, n: usize) -> Result<Vec<i64>>
         .map(|_| {
             let mut client = client.clone();
             async move { Ok(client.lease_grant(PHASE_LEASE_TTL_SECS, None).await?.id()) }
+        })
+        .buffer_unordered(SETUP_IN_FLIGHT)
+        .collect::<Vec<Result<_>>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// `n` etcd clients, each its own connection (as `n` separate users of etcd's lock would have;
+/// on Leasehold's side each task has its own HTTP keep-alive connection). One connection shared
+/// by 1,000 blocked `Lock` calls stalled: the holder's `Unlock` never got through.
+async fn etcd_clients(endpoints: &[String], n: usize) -> Result<Vec<etcd_client::Client>> {
+    futures::stream::iter(0..n)
+        .map(|_| async move {
+            let options =
+                etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
+            Ok(etcd_client::Client::connect(endpoints, Some(options)).await?)
         })
         .buffer_unordered(SETUP_IN_FLIGHT)
         .collect::<Vec<Result<_>>>()
@@ -259,6 +279,10 @@ pub async fn cycles(ctx: &Ctx, system: System, tasks: usize, label: &str) -> Res
         }
         System::Etcd => etcd_leases_held = etcd_leases(&ctx.etcd, tasks).await?,
     }
+    let mut etcd_clients_held = match system {
+        System::Etcd => etcd_clients(&ctx.etcd_endpoints, tasks).await?,
+        System::Leasehold => Vec::new(),
+    };
     // The warm-up starts once the leases exist.
     let window = Window::after(ctx.warmup, ctx.window);
     for task in 0..tasks {
@@ -287,7 +311,7 @@ pub async fn cycles(ctx: &Ctx, system: System, tasks: usize, label: &str) -> Res
                 }));
             }
             System::Etcd => {
-                let mut client = ctx.etcd.clone();
+                let mut client = etcd_clients_held.pop().context("client")?;
                 let lease = etcd_leases_held[task];
                 let base = base.clone();
                 handles.push(tokio::spawn(async move {
@@ -398,6 +422,10 @@ struct Handoffs {
     window: OnceLock<Window>,
     started: AtomicUsize,
     grants: AtomicUsize,
+    /// The last error seen, in or out of the window (for progress messages).
+    last_error: Mutex<Option<String>>,
+    /// Set when the window closed: each contender leaves after its next release.
+    stop: AtomicBool,
 }
 
 impl Handoffs {
@@ -425,6 +453,9 @@ impl Handoffs {
     }
 
     fn error(&self, what: String) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(what.clone());
+        }
         if self
             .window
             .get()
@@ -457,6 +488,8 @@ pub async fn handoffs(
         window: OnceLock::new(),
         started: AtomicUsize::new(0),
         grants: AtomicUsize::new(0),
+        last_error: Mutex::new(None),
+        stop: AtomicBool::new(false),
     });
     let mut tasks = Vec::with_capacity(contenders);
     let mut leasehold_leases_held = Vec::new();
@@ -505,6 +538,9 @@ pub async fn handoffs(
                             Ok((status, body)) => state.error(http_error("release", status, &body)),
                             Err(_) => state.error("release: transport error".into()),
                         }
+                        if state.stop.load(Ordering::SeqCst) {
+                            return;
+                        }
                     }
                 }));
             }
@@ -512,8 +548,9 @@ pub async fn handoffs(
         }
         System::Etcd => {
             etcd_leases_held = etcd_leases(&ctx.etcd, contenders).await?;
-            for lease in etcd_leases_held.iter().copied() {
-                let (mut client, state) = (ctx.etcd.clone(), state.clone());
+            let clients = etcd_clients(&ctx.etcd_endpoints, contenders).await?;
+            for (lease, mut client) in etcd_leases_held.iter().copied().zip(clients) {
+                let state = state.clone();
                 let lock = lock.clone();
                 tasks.push(tokio::spawn(async move {
                     state.started.fetch_add(1, Ordering::SeqCst);
@@ -533,6 +570,9 @@ pub async fn handoffs(
                         state.releasing();
                         if let Err(err) = client.unlock(key).await {
                             state.error(etcd_error("unlock", &err));
+                        }
+                        if state.stop.load(Ordering::SeqCst) {
+                            return;
                         }
                     }
                 }));
@@ -571,7 +611,18 @@ pub async fn handoffs(
     // Steady state: every contender has been granted once since the queue filled (so each has
     // queued again behind the others), then the warm-up.
     let grants_at_fill = state.grants.load(Ordering::SeqCst);
+    let mut told = Instant::now();
     while state.grants.load(Ordering::SeqCst) < grants_at_fill + contenders {
+        if told.elapsed() >= Duration::from_secs(10) {
+            told = Instant::now();
+            eprintln!(
+                "leasehold-bench:   queue filled in {:.1} s; {} of {contenders} granted since; \
+                 last error: {:?}",
+                queue_filled.as_secs_f64(),
+                state.grants.load(Ordering::SeqCst) - grants_at_fill,
+                state.last_error.lock().ok().and_then(|e| e.clone())
+            );
+        }
         if Instant::now() > deadline {
             for task in &tasks {
                 task.abort();
@@ -587,11 +638,23 @@ pub async fn handoffs(
     let window = Window::after(ctx.warmup, ctx.window);
     let _ = state.window.set(window);
     let (before, after) = window.snapshots(ctx.probes.clone()).await?;
-    for task in &tasks {
-        task.abort();
-    }
-    for task in tasks {
-        let _ = task.await;
+    // Drain: every contender leaves after its next release, so the queue empties in order.
+    // (Aborting 100 waiting etcd `Lock` calls instead left etcd's lock service stuck for the
+    // next phase: its 1,000 waiters were never granted.)
+    state.stop.store(true, Ordering::SeqCst);
+    let drain = async {
+        for task in &mut tasks {
+            let _ = task.await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(120), drain)
+        .await
+        .is_err()
+    {
+        eprintln!("leasehold-bench:   the queue did not drain within 120 s; aborting the rest");
+        for task in &tasks {
+            task.abort();
+        }
     }
     let samples = std::mem::take(&mut *state.samples.lock().unwrap_or_else(|e| e.into_inner()));
     let latency = Latency::of(samples, window.length()).with_context(|| {
