@@ -44,6 +44,7 @@ const COSTS: &[&str] = &[
     "costs.etcd_cores",
     "costs.bench_cores",
     "costs.other_cores",
+    "costs.interrupt_cores",
     "costs.server_etcd_calls",
     "costs.etcd_requests",
     "costs.etcd_writes",

@@ -51,9 +51,10 @@ pub fn load1() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// CPU seconds the whole machine spent busy (every CPU: user, nice, system, irq, softirq,
-/// steal; from the first line of `/proc/stat`).
-pub fn machine_busy_seconds() -> Result<f64> {
+/// CPU seconds the whole machine spent busy, from the first line of `/proc/stat`: in processes
+/// (user, nice, system, steal) and in interrupts (irq, softirq; loopback networking is done
+/// there, and the kernel charges it to no process).
+pub fn machine_busy_seconds() -> Result<(f64, f64)> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let line = stat.lines().next().context("empty /proc/stat")?;
     let fields: Vec<u64> = line
@@ -63,8 +64,12 @@ pub fn machine_busy_seconds() -> Result<f64> {
         .collect();
     let field = |i: usize| fields.get(i).copied().unwrap_or(0);
     // user nice system idle iowait irq softirq steal
-    let busy = field(0) + field(1) + field(2) + field(5) + field(6) + field(7);
-    Ok(busy as f64 / ticks_per_second())
+    let processes = field(0) + field(1) + field(2) + field(7);
+    let interrupts = field(5) + field(6);
+    Ok((
+        processes as f64 / ticks_per_second(),
+        interrupts as f64 / ticks_per_second(),
+    ))
 }
 
 /// `/proc/loadavg`'s three averages, as `uptime` shows them.
@@ -98,6 +103,7 @@ pub struct Snapshot {
     etcd_cpu: f64,
     bench_cpu: f64,
     machine_busy: f64,
+    machine_interrupts: f64,
     /// `leasehold_etcd_request_duration_seconds_count` by `op`.
     server_calls: BTreeMap<String, f64>,
     /// `grpc_server_msg_received_total` summed over methods: requests (and stream messages)
@@ -158,12 +164,14 @@ impl Probes {
             self.scrape(&self.etcd_metrics)
         )?;
         let etcd_sum = |name: &str| sum_by_label(&etcd_text, name, "").values().sum::<f64>();
+        let (busy, interrupts) = machine_busy_seconds()?;
         Ok(Snapshot {
             at: Instant::now(),
             server_cpu: cpu_seconds(&self.server_pid.to_string())?,
             etcd_cpu: cpu_seconds(&self.etcd_pid.to_string())?,
             bench_cpu: cpu_seconds("self")?,
-            machine_busy: machine_busy_seconds()?,
+            machine_busy: busy,
+            machine_interrupts: interrupts,
             server_calls: sum_by_label(
                 &server_text,
                 "leasehold_etcd_request_duration_seconds_count",
@@ -189,9 +197,10 @@ pub struct Costs {
     pub server_cores: f64,
     pub etcd_cores: f64,
     pub bench_cores: f64,
-    /// Cores busy with anything else on the machine (other processes, the kernel's own work):
-    /// the interference the window suffered.
+    /// Cores busy in any other process on the machine: the interference the window suffered.
     pub other_cores: f64,
+    /// Cores busy in interrupts (mostly softirq: loopback networking, ours included).
+    pub interrupt_cores: f64,
     /// etcd calls the Leasehold server made per operation (its own metrics), in all and by op.
     pub server_etcd_calls: f64,
     pub server_etcd_calls_by_op: BTreeMap<String, f64>,
@@ -231,6 +240,7 @@ impl Costs {
                 - (after.bench_cpu - before.bench_cpu))
                 .max(0.0)
                 / secs,
+            interrupt_cores: (after.machine_interrupts - before.machine_interrupts) / secs,
             server_etcd_calls: by_op.values().sum(),
             server_etcd_calls_by_op: by_op,
             etcd_requests: (after.etcd_requests - before.etcd_requests) / n,

@@ -55,8 +55,9 @@ pub const DEFINITIONS: &[(&str, &str)] = &[
          made (leasehold_etcd_request_duration_seconds_count, by op); gRPC messages etcd \
          received (grpc_server_msg_received_total); raft entries etcd committed \
          (etcd_server_proposals_committed_total); for etcd's lock service the server is idle; \
-         other cores = the machine's busy CPU (/proc/stat) minus the three processes: \
-         interference from anything else running",
+         other cores = the machine's CPU busy in processes (/proc/stat: user, nice, system, \
+         steal) minus the three processes: interference from anything else running; interrupt \
+         cores = irq + softirq, where loopback networking (ours too) is charged to no process",
     ),
     (
         "memory",
@@ -254,12 +255,13 @@ impl Report {
 
         let _ = writeln!(
             out,
-            "\nPer uncontended cycle (CPU in microseconds; cores = average busy cores in the window; other = \
-             every other process on the machine, i.e. interference):\n"
+            "\nPer uncontended cycle (CPU in microseconds; cores = average busy cores in the window; \
+             interrupts = irq + softirq; other = every other process on the machine, i.e. \
+             interference):\n"
         );
         let _ = writeln!(
             out,
-            "| tasks | system | server CPU | etcd CPU | bench CPU | server's etcd calls | etcd requests | etcd writes | cores server / etcd / bench / other |\n\
+            "| tasks | system | server CPU | etcd CPU | bench CPU | server's etcd calls | etcd requests | etcd writes | cores server / etcd / bench / interrupts / other |\n\
              |---|---|---|---|---|---|---|---|---|"
         );
         for u in &self.uncontended {
@@ -467,7 +469,7 @@ fn cycle_row(tasks: usize, name: &str, p: &CyclePhase, ratio: &str) -> String {
 fn cost_row(tasks: usize, name: &str, p: &CyclePhase) -> String {
     let c = &p.costs;
     format!(
-        "| {tasks} | {name} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} / {:.2} / {:.2} / {:.2} |",
+        "| {tasks} | {name} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} / {:.2} / {:.2} / {:.2} / {:.2} |",
         us(c.server_cpu_us),
         us(c.etcd_cpu_us),
         us(c.bench_cpu_us),
@@ -477,6 +479,7 @@ fn cost_row(tasks: usize, name: &str, p: &CyclePhase) -> String {
         c.server_cores,
         c.etcd_cores,
         c.bench_cores,
+        c.interrupt_cores,
         c.other_cores
     )
 }
