@@ -9,6 +9,7 @@
 //! - `tenants`: bearer tokens, tenants, their lock-name prefixes and quotas.
 //! - `wakeups`: the one shared etcd watch that wakes waiters.
 //! - `store`: the etcd connection: every call typed, bounded, classified, traced and timed.
+//! - `admission`: the adaptive bound on etcd calls in flight; sheds new requests early.
 //! - `metrics`: every Prometheus metric, named once, and the `/metrics` renderer.
 //! - `service`: the shared context and outcome types of the operations above.
 //! - `http`: the HTTP API v1 (routes, extractors, the error-to-status mapping).
@@ -27,6 +28,7 @@
 //! # }
 //! ```
 
+mod admission;
 pub mod cli;
 mod handle;
 pub mod http;

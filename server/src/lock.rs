@@ -237,6 +237,11 @@ impl Service {
         if let (Some(handle), Some(ttl)) = (new_handle, new_ttl) {
             let ttl_ms = match self.grant_for_acquire(&tenant, lease.auth.lease, ttl).await {
                 Ok(ttl_ms) => ttl_ms,
+                // Shed (or refused by etcd) before anything was applied: nothing to clean up.
+                Err(err @ ServiceError::Overloaded(_)) => {
+                    abandon.disarm();
+                    return Err(err);
+                }
                 Err(err) => {
                     abandon.now().await;
                     return Err(err);
@@ -262,6 +267,17 @@ impl Service {
             .await
         {
             Ok(enqueued) => enqueued,
+            // Shed, or refused by etcd unapplied: no enqueue of ours exists or can land. Only a
+            // lease granted for this request is left to revoke.
+            Err(err @ ServiceError::Overloaded(_)) => {
+                abandon.enqueue_confirmed = true;
+                if abandon.own_lease {
+                    abandon.now().await;
+                } else {
+                    abandon.disarm();
+                }
+                return Err(err);
+            }
             Err(err) => {
                 let cleaned = abandon.now().await;
                 return Err(unconfirmed_if(err, cleaned));

@@ -90,6 +90,9 @@ pub enum ServiceError {
     /// A tenant quota would be exceeded; nothing was granted.
     #[error("quota exceeded: {0}")]
     QuotaExceeded(String),
+    /// The server or etcd is overloaded; nothing was sent or applied. Retry after a pause.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
 }
 
 impl From<StoreError> for ServiceError {
@@ -100,6 +103,7 @@ impl From<StoreError> for ServiceError {
                 ServiceError::Unavailable("etcd reported an unexpected lease id clash".into())
             }
             StoreError::Unavailable(msg) => ServiceError::Unavailable(msg),
+            StoreError::Overloaded(msg) => ServiceError::Overloaded(msg),
         }
     }
 }

@@ -37,6 +37,10 @@ pub enum StoreError {
     /// etcd could not be reached, timed out, or failed; nothing may be concluded.
     #[error("etcd unavailable: {0}")]
     Unavailable(String),
+    /// Not sent: admission control shed the request, or etcd refused it unapplied ("too many
+    /// requests"). Retry later.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
 }
 
 impl From<etcd_client::Error> for StoreError {
@@ -52,6 +56,10 @@ impl From<etcd_client::Error> for StoreError {
             }
             E::GRpcStatus(status) if status.message().contains("lease already exists") => {
                 StoreError::LeaseExists
+            }
+            // etcd refuses before proposing when its apply loop lags: nothing was applied.
+            E::GRpcStatus(status) if status.message().contains("too many requests") => {
+                StoreError::Overloaded(status.message().to_owned())
             }
             _ => StoreError::Unavailable(err.to_string()),
         }
@@ -76,6 +84,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// linearizable cluster, so which one answers does not matter for correctness.
 #[derive(Clone)]
 pub struct Store {
+    admission: crate::admission::Admission,
     endpoints: Arc<[Endpoint]>,
     next: Arc<AtomicUsize>,
     request_timeout: Duration,
@@ -158,6 +167,7 @@ impl Store {
             return Err(StoreError::Unavailable("no etcd endpoint given".into()));
         }
         Ok(Self {
+            admission: crate::admission::Admission::default(),
             endpoints: clients.into(),
             next: Arc::new(AtomicUsize::new(0)),
             request_timeout,
@@ -230,6 +240,11 @@ impl Store {
             revision = tracing::field::Empty,
         );
         let record = span.clone();
+        let permit = self
+            .admission
+            .admit()
+            .await
+            .map_err(|shed| StoreError::Overloaded(shed.to_string()))?;
         let started = Instant::now();
         // Boxed: etcd-client's futures are tens of KiB, and every future awaiting this one would
         // otherwise carry that inline. A queued acquire then costs ~165 KiB instead of a few KiB.
@@ -249,6 +264,14 @@ impl Store {
         if !answered {
             self.suspect(at);
         }
+        if matches!(result, Err(StoreError::Overloaded(_))) {
+            metrics::etcd_overloaded();
+        }
+        // A timeout or "too many requests" is etcd pushing back: the limit halves.
+        permit.finish(matches!(
+            result,
+            Err(StoreError::Unavailable(_) | StoreError::Overloaded(_))
+        ));
         metrics::etcd_call(op, started.elapsed(), answered);
         result
     }

@@ -36,6 +36,11 @@ const PLAIN_METRICS: &[&str] = &[
     "leasehold_etcd_up",
     "leasehold_build_info",
     "leasehold_http_requests_total",
+    "leasehold_requests_shed_total",
+    "leasehold_etcd_overloaded_total",
+    "leasehold_admission_limit",
+    "leasehold_admission_queue",
+    "leasehold_watch_restarts_total",
 ];
 
 /// Histograms `leasehold-server` exports; queried through `_bucket`, `_sum` and `_count`.

@@ -64,6 +64,10 @@ pub enum ApiError {
     /// A tenant quota would be exceeded. Nothing was granted.
     #[error("quota exceeded: {0}")]
     QuotaExceeded(String),
+    /// Shed by admission control (or etcd refused unapplied): nothing was done. Comes with
+    /// `Retry-After`.
+    #[error("the server is overloaded; nothing was done; retry after the Retry-After delay")]
+    Overloaded(String),
 }
 
 /// The JSON body of every error.
@@ -115,6 +119,7 @@ impl ApiError {
             E::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             E::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             E::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
+            E::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
         }
     }
 }
@@ -129,6 +134,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::ShuttingDown => ApiError::ShuttingDown,
             ServiceError::Forbidden(msg) => ApiError::Forbidden(msg),
             ServiceError::QuotaExceeded(msg) => ApiError::QuotaExceeded(msg),
+            ServiceError::Overloaded(msg) => ApiError::Overloaded(msg),
         }
     }
 }
@@ -158,6 +164,12 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
                 axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        if matches!(self, ApiError::Overloaded(_)) {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(crate::admission::RETRY_AFTER_SECS),
             );
         }
         response

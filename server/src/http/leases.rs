@@ -78,7 +78,7 @@ pub struct LeaseInfoResponse {
         (status = 403, description = "forbidden (the handle names a lease being revoked)", body = ErrorBody),
         (status = 413, description = "body_too_large", body = ErrorBody),
         (status = 429, description = "quota_exceeded", body = ErrorBody),
-        (status = 503, description = "store_unavailable", body = ErrorBody),
+        (status = 503, description = "store_unavailable or overloaded (with Retry-After)", body = ErrorBody),
     ))]
 pub async fn grant_lease(
     State(state): State<AppState>,
@@ -116,7 +116,7 @@ pub async fn grant_lease(
         (status = 401, description = "unauthorized", body = ErrorBody),
         (status = 403, description = "forbidden (missing or wrong handle)", body = ErrorBody),
         (status = 404, description = "lease_not_found", body = ErrorBody),
-        (status = 503, description = "store_unavailable", body = ErrorBody),
+        (status = 503, description = "store_unavailable or overloaded (with Retry-After)", body = ErrorBody),
     ))]
 pub async fn keep_lease_alive(
     State(state): State<AppState>,
@@ -140,7 +140,7 @@ pub async fn keep_lease_alive(
         (status = 200, description = "The lease", body = LeaseInfoResponse),
         (status = 401, description = "unauthorized", body = ErrorBody),
         (status = 404, description = "lease_not_found (also for another tenant's lease)", body = ErrorBody),
-        (status = 503, description = "store_unavailable", body = ErrorBody),
+        (status = 503, description = "store_unavailable or overloaded (with Retry-After)", body = ErrorBody),
     ))]
 pub async fn show_lease(
     State(state): State<AppState>,
@@ -167,7 +167,7 @@ pub async fn show_lease(
         (status = 401, description = "unauthorized", body = ErrorBody),
         (status = 403, description = "forbidden (missing or wrong handle)", body = ErrorBody),
         (status = 404, description = "lease_not_found", body = ErrorBody),
-        (status = 503, description = "store_unavailable", body = ErrorBody),
+        (status = 503, description = "store_unavailable or overloaded (with Retry-After)", body = ErrorBody),
     ))]
 pub async fn revoke_lease(
     State(state): State<AppState>,

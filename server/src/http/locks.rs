@@ -128,7 +128,7 @@ pub struct LockStatusResponse {
         (status = 409, description = "lock_held (with `holder`)", body = ErrorBody),
         (status = 413, description = "body_too_large", body = ErrorBody),
         (status = 429, description = "quota_exceeded", body = ErrorBody),
-        (status = 503, description = "store_unavailable or shutting_down", body = ErrorBody),
+        (status = 503, description = "store_unavailable, overloaded (with Retry-After) or shutting_down", body = ErrorBody),
     ))]
 pub async fn acquire_lock(
     State(state): State<AppState>,
@@ -203,7 +203,7 @@ pub async fn acquire_lock(
         (status = 401, description = "unauthorized", body = ErrorBody),
         (status = 403, description = "forbidden (missing or wrong handle, name outside the tenant's prefix)", body = ErrorBody),
         (status = 409, description = "not_holder", body = ErrorBody),
-        (status = 503, description = "store_unavailable", body = ErrorBody),
+        (status = 503, description = "store_unavailable or overloaded (with Retry-After)", body = ErrorBody),
     ))]
 pub async fn renew_lock(
     State(state): State<AppState>,
@@ -236,7 +236,7 @@ pub async fn renew_lock(
         (status = 401, description = "unauthorized", body = ErrorBody),
         (status = 403, description = "forbidden (missing or wrong handle, name outside the tenant's prefix)", body = ErrorBody),
         (status = 409, description = "not_holder", body = ErrorBody),
-        (status = 503, description = "store_unavailable", body = ErrorBody),
+        (status = 503, description = "store_unavailable or overloaded (with Retry-After)", body = ErrorBody),
     ))]
 pub async fn release_lock(
     State(state): State<AppState>,
@@ -262,7 +262,7 @@ pub async fn release_lock(
         (status = 400, description = "invalid_name", body = ErrorBody),
         (status = 401, description = "unauthorized", body = ErrorBody),
         (status = 403, description = "forbidden (name outside the tenant's prefix)", body = ErrorBody),
-        (status = 503, description = "store_unavailable", body = ErrorBody),
+        (status = 503, description = "store_unavailable or overloaded (with Retry-After)", body = ErrorBody),
     ))]
 pub async fn lock_status(
     State(state): State<AppState>,

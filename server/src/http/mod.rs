@@ -147,7 +147,12 @@ async fn observe(request: Request, next: Next) -> Response {
     });
     let _ = span.set_parent(parent);
     let started = std::time::Instant::now();
-    let response = next.run(request).instrument(span.clone()).await;
+    // Only requests that add work may be shed; releases, renewals and keep-alives finish it.
+    let sheddable = method == axum::http::Method::POST
+        && (route == "/v1/leases" || route.ends_with("/acquire"));
+    let response =
+        crate::admission::request_scope(sheddable, next.run(request).instrument(span.clone()))
+            .await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     span.record("http.status", status);
