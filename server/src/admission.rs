@@ -65,35 +65,65 @@ pub enum Class {
 #[error("the server is overloaded; retry after {RETRY_AFTER_SECS} s")]
 pub struct Shed;
 
+/// The most a patient request (an acquire that asked to wait) queues for its first call.
+pub const MAX_PATIENCE: Duration = Duration::from_secs(10);
+
+/// What admission knows of the request the current task serves.
+#[derive(Debug, Clone, Copy)]
+struct RequestState {
+    /// True until its first etcd call is admitted, if it may be shed at all.
+    first_call_pending: bool,
+    /// How long that first call may queue.
+    patience: Duration,
+}
+
 tokio::task_local! {
-    /// Set for the duration of an HTTP request; `true` until its first etcd call is admitted.
-    static FIRST_CALL: std::cell::Cell<bool>;
+    /// Set for the duration of an HTTP request.
+    static REQUEST: std::cell::Cell<RequestState>;
 }
 
 /// Runs `request` (an HTTP handler); if it is `sheddable` (it adds work), its first etcd call may
 /// be shed, later ones not. Requests that finish work are never shed.
 pub async fn request_scope<F: Future>(sheddable: bool, request: F) -> F::Output {
-    FIRST_CALL
-        .scope(std::cell::Cell::new(sheddable), request)
-        .await
+    let state = RequestState {
+        first_call_pending: sheddable,
+        patience: QUEUE_TIMEOUT,
+    };
+    REQUEST.scope(std::cell::Cell::new(state), request).await
 }
 
-/// The class of the etcd call about to be made by the current task.
-fn current_class() -> Class {
-    FIRST_CALL
-        .try_with(|first| {
-            if first.get() {
-                Class::NewRequest
+/// The current request asked to wait up to `wait` (an acquire in line): its first etcd call may
+/// queue that long (at most [`MAX_PATIENCE`]) rather than be shed. A parked waiter costs etcd
+/// nothing, so queueing it is better than failing it.
+pub fn be_patient(wait: Duration) {
+    let _ = REQUEST.try_with(|state| {
+        let mut now = state.get();
+        now.patience = wait.clamp(QUEUE_TIMEOUT, MAX_PATIENCE);
+        state.set(now);
+    });
+}
+
+/// The class of the etcd call about to be made by the current task, and its patience.
+fn current_class() -> (Class, Duration) {
+    REQUEST
+        .try_with(|state| {
+            let state = state.get();
+            if state.first_call_pending {
+                (Class::NewRequest, state.patience)
             } else {
-                Class::Admitted
+                (Class::Admitted, Duration::ZERO)
             }
         })
-        .unwrap_or(Class::Admitted)
+        .unwrap_or((Class::Admitted, Duration::ZERO))
 }
 
 /// Marks the current request as admitted: its later calls queue instead of being shed.
 fn mark_admitted() {
-    let _ = FIRST_CALL.try_with(|first| first.set(false));
+    let _ = REQUEST.try_with(|state| {
+        let mut now = state.get();
+        now.first_call_pending = false;
+        state.set(now);
+    });
 }
 
 /// The shared limiter. Cheap to clone.
@@ -138,13 +168,16 @@ impl Admission {
 
     /// Waits for a slot for one etcd call of the current task's class.
     pub async fn admit(&self) -> Result<Permit, Shed> {
-        let class = current_class();
+        let (class, patience) = current_class();
         let waiting = {
             let mut state = self.state();
             if state.in_flight < state.limit as usize && state.queue.is_empty() {
                 state.in_flight += 1;
                 None
-            } else if class == Class::NewRequest && state.queue.len() >= state.limit as usize {
+            } else if class == Class::NewRequest
+                && patience <= QUEUE_TIMEOUT
+                && state.queue.len() >= state.limit as usize
+            {
                 // The queue alone would take longer to drain than a new request may wait.
                 drop(state);
                 metrics::shed();

@@ -3,7 +3,10 @@
 //!
 //! # Layout
 //! - `keys`: the etcd key schema and lock-name encoding (every key we write, in one place).
-//! - `lock`: the lock algorithm (FIFO queue of leased keys, fencing tokens, waits, release).
+//! - `queue`: the queue core every primitive shares (enqueue, decisive read, waking, clean-up,
+//!   one-txn release and renew) and the late-write fences.
+//! - `lock`: mutexes, semaphores and read-write locks by name, and lock status.
+//! - `group`: all-or-nothing acquires of several names.
 //! - `lease`: TTL leases (grant, keep alive, inspect, revoke).
 //! - `handle`: lease handles, the secrets that authorize acting on a lease and its holds.
 //! - `tenants`: bearer tokens, tenants, their lock-name prefixes and quotas.
@@ -30,12 +33,14 @@
 
 mod admission;
 pub mod cli;
+pub mod group;
 mod handle;
 pub mod http;
 mod keys;
 mod lease;
 mod lock;
 pub mod metrics;
+mod queue;
 mod service;
 mod store;
 mod telemetry;
@@ -50,7 +55,8 @@ pub use http::tls::TlsFiles;
 pub use http::{AppState, Limits, app, router_and_openapi};
 pub use keys::{InvalidName, KeySchema, LeaseId, LeaseMeta, LockName, MAX_NAME_BYTES, WaiterValue};
 pub use lease::{GrantedLease, LeaseInfo};
-pub use lock::{AcquireRequest, Grant, LeaseChoice, LockStatus, Renewal};
+pub use lock::{AcquireRequest, Grant, LeaseChoice, LockStatus, QueueEntry, Renewal};
+pub use queue::{Granted, Kind};
 pub use service::{Holder, LeaseAuth, Service, ServiceError, ServiceInner};
 pub use store::{Store, StoreError};
 pub use tenants::{Quotas, Tenant, Tenants};

@@ -93,6 +93,15 @@ pub enum ServiceError {
     /// The server or etcd is overloaded; nothing was sent or applied. Retry after a pause.
     #[error("overloaded: {0}")]
     Overloaded(String),
+    /// The acquire disagrees with the lock's other waiters (semaphore limit, read-write mode),
+    /// or is otherwise inconsistent with what the lease already waits for.
+    #[error("{message}")]
+    Mismatch {
+        /// The stable code (`limit_mismatch`, `mode_mismatch`, `invalid_request`).
+        code: &'static str,
+        /// Why.
+        message: String,
+    },
 }
 
 impl From<StoreError> for ServiceError {

@@ -789,9 +789,30 @@ impl Api {
         if let Some(token) = &self.bearer {
             request = request.bearer_auth(token);
         }
-        let (status, answer) = Self::answer(request.send().await?).await?;
-        Self::remember(path, status, &answer);
-        Ok((status, answer))
+        // A shed request (503 overloaded) did nothing: retry it after a jittered Retry-After, as
+        // every well-behaved client does, for up to half a minute.
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut attempt = 0u32;
+        loop {
+            let retry = request.try_clone();
+            let (status, answer) = Self::answer(request.send().await?).await?;
+            match retry {
+                Some(again)
+                    if status == 503
+                        && answer["error"]["code"] == "overloaded"
+                        && tokio::time::Instant::now() < give_up =>
+                {
+                    attempt += 1;
+                    let jitter = u64::from(attempt.wrapping_mul(2_654_435_761) % 900) + 100;
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                    request = again;
+                }
+                _ => {
+                    Self::remember(path, status, &answer);
+                    return Ok((status, answer));
+                }
+            }
+        }
     }
 
     /// `POST path` with a JSON body and an explicit handle (or none), remembering nothing.

@@ -64,6 +64,9 @@ pub enum ApiError {
     /// A tenant quota would be exceeded. Nothing was granted.
     #[error("quota exceeded: {0}")]
     QuotaExceeded(String),
+    /// The acquire disagrees with the lock's other waiters (`limit_mismatch`, `mode_mismatch`).
+    #[error("{1}")]
+    Conflict(&'static str, String),
     /// Shed by admission control (or etcd refused unapplied): nothing was done. Comes with
     /// `Retry-After`.
     #[error("the server is overloaded; nothing was done; retry after the Retry-After delay")]
@@ -120,6 +123,7 @@ impl ApiError {
             E::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             E::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
             E::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            E::Conflict(code, _) => (StatusCode::CONFLICT, code),
         }
     }
 }
@@ -135,6 +139,11 @@ impl From<ServiceError> for ApiError {
             ServiceError::Forbidden(msg) => ApiError::Forbidden(msg),
             ServiceError::QuotaExceeded(msg) => ApiError::QuotaExceeded(msg),
             ServiceError::Overloaded(msg) => ApiError::Overloaded(msg),
+            ServiceError::Mismatch {
+                code: "invalid_request",
+                message,
+            } => ApiError::InvalidRequest(message),
+            ServiceError::Mismatch { code, message } => ApiError::Conflict(code, message),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod extract;
+pub mod groups;
 pub mod leases;
 pub mod locks;
 pub mod serve;
@@ -63,6 +64,14 @@ pub fn router_and_openapi(state: AppState) -> (Router, utoipa::openapi::OpenApi)
         .routes(routes!(leases::grant_lease))
         .routes(routes!(leases::keep_lease_alive))
         .routes(routes!(leases::show_lease, leases::revoke_lease))
+        .routes(routes!(
+            groups::acquire_group,
+            groups::status_of_lock_named_acquire
+        ))
+        .routes(routes!(
+            groups::release_group,
+            groups::status_of_lock_named_release
+        ))
         .routes(routes!(locks::acquire_lock))
         .routes(routes!(locks::renew_lock))
         .routes(routes!(locks::release_lock))
