@@ -7,10 +7,12 @@
 //!   one-txn release and renew) and the late-write fences.
 //! - `lock`: mutexes, semaphores and read-write locks by name, and lock status.
 //! - `group`: all-or-nothing acquires of several names.
+//! - `election`: leader election on the same queue; the leader's token is its epoch.
 //! - `lease`: TTL leases (grant, keep alive, inspect, revoke).
 //! - `handle`: lease handles, the secrets that authorize acting on a lease and its holds.
 //! - `tenants`: bearer tokens, tenants, their lock-name prefixes and quotas.
 //! - `wakeups`: the one shared etcd watch that wakes waiters.
+//! - `watch`: status streams for clients (Server-Sent Events), resumable by revision.
 //! - `store`: the etcd connection: every call typed, bounded, classified, traced and timed.
 //! - `admission`: the adaptive bound on etcd calls in flight; sheds new requests early.
 //! - `metrics`: every Prometheus metric, named once, and the `/metrics` renderer.
@@ -33,6 +35,7 @@
 
 mod admission;
 pub mod cli;
+mod election;
 pub mod group;
 mod handle;
 pub mod http;
@@ -46,16 +49,18 @@ mod store;
 mod telemetry;
 mod tenants;
 mod wakeups;
+mod watch;
 
 use std::future::Future;
 use std::time::Duration;
 
+pub use election::{Leader, Leadership};
 pub use handle::{AuthDigest, Handle, InvalidHandle};
 pub use http::tls::TlsFiles;
 pub use http::{AppState, Limits, app, router_and_openapi};
 pub use keys::{InvalidName, KeySchema, LeaseId, LeaseMeta, LockName, MAX_NAME_BYTES, WaiterValue};
 pub use lease::{GrantedLease, LeaseInfo};
-pub use lock::{AcquireRequest, Grant, LeaseChoice, LockStatus, QueueEntry, Renewal};
+pub use lock::{AcquireRequest, Grant, LeaseChoice, LockStatus, LockSummary, QueueEntry, Renewal};
 pub use queue::{Granted, Kind};
 pub use service::{Holder, LeaseAuth, Service, ServiceError, ServiceInner};
 pub use store::{Store, StoreError};

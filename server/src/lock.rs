@@ -26,6 +26,20 @@ use crate::tenants::Tenant;
 /// Most queue entries a status lists (the count is always exact).
 pub const STATUS_LIST_MAX: usize = 1000;
 
+/// Most keys the lock list reads.
+const LIST_KEYS_MAX: usize = 10_000;
+
+/// One lock in the list of locks: its queue length and its head.
+#[derive(Debug, Clone)]
+pub struct LockSummary {
+    /// The lock.
+    pub name: LockName,
+    /// Keys in its queue, holders included.
+    pub queued: u64,
+    /// The head's token and owner.
+    pub head: Option<(u64, Option<String>)>,
+}
+
 /// What to acquire and how long to wait for it.
 #[derive(Debug, Clone)]
 pub struct AcquireRequest {
@@ -170,19 +184,34 @@ impl Service {
         name: &LockName,
     ) -> Result<LockStatus, ServiceError> {
         authorize_name(tenant, name)?;
+        Ok(self.lock_status_at(name, None).await?.0)
+    }
+
+    /// [`Service::lock_status`] as of etcd revision `at` (etcd keeps history until it
+    /// compacts), or now; also returns the revision read. The caller was authorized for `name`.
+    pub(crate) async fn lock_status_at(
+        &self,
+        name: &LockName,
+        at: Option<i64>,
+    ) -> Result<(LockStatus, i64), ServiceError> {
         let queue = self.keys.queue_prefix(name);
-        let in_order = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Create, SortOrder::Ascend)
-            .with_limit(STATUS_LIST_MAX as i64);
+        let at_revision = |options: GetOptions| match at {
+            Some(revision) => options.with_revision(revision),
+            None => options,
+        };
+        let in_order = at_revision(
+            GetOptions::new()
+                .with_prefix()
+                .with_sort(SortTarget::Create, SortOrder::Ascend)
+                .with_limit(STATUS_LIST_MAX as i64),
+        );
+        let count = at_revision(GetOptions::new().with_prefix().with_count_only());
         let txn = Txn::new().and_then([
             TxnOp::get(queue.as_str(), Some(in_order)),
-            TxnOp::get(
-                queue.as_str(),
-                Some(GetOptions::new().with_prefix().with_count_only()),
-            ),
+            TxnOp::get(queue.as_str(), Some(count)),
         ]);
         let resp = self.store.txn(&queue, txn).await?;
+        let revision = at.unwrap_or_else(|| resp.header().map_or(0, |h| h.revision()));
         let gets = txn_gets(&resp);
         let keys = gets[0].kvs();
         let total = u64::try_from(gets[1].count()).unwrap_or(0);
@@ -223,13 +252,63 @@ impl Service {
             Some(kv) => self.holder_of(kv).await,
             None => None,
         };
-        Ok(LockStatus {
+        let status = LockStatus {
             name: name.clone(),
             waiters: total.saturating_sub(holding as u64),
             holder,
             limit: head_kind.and_then(|(mode, limit)| mode.is_none().then_some(limit)),
             queue: queue_entries,
-        })
+        };
+        Ok((status, revision))
+    }
+
+    /// Every lock of `tenant` with someone in its queue (at most `max`), sorted by name: the
+    /// status page's list. One range read over every queue.
+    pub async fn list_locks(
+        &self,
+        tenant: &Tenant,
+        max: usize,
+    ) -> Result<(Vec<LockSummary>, i64), ServiceError> {
+        let root = self.keys.locks_root();
+        let all = self
+            .store
+            .get(
+                &root,
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_limit(LIST_KEYS_MAX as i64),
+                ),
+            )
+            .await?;
+        let mut locks: std::collections::BTreeMap<String, LockSummary> = Default::default();
+        for kv in all.kvs() {
+            let Some(name) = self.keys.name_of_key(kv.key()) else {
+                continue;
+            };
+            if !tenant.may_use(&name)
+                || !kv
+                    .key()
+                    .starts_with(self.keys.queue_prefix(&name).as_bytes())
+            {
+                continue;
+            }
+            let stored: WaiterValue = serde_json::from_slice(kv.value()).unwrap_or_default();
+            let entry = locks
+                .entry(name.as_str().to_owned())
+                .or_insert_with(|| LockSummary {
+                    name: name.clone(),
+                    queued: 0,
+                    head: None,
+                });
+            entry.queued += 1;
+            let token = kv.create_revision() as u64;
+            if entry.head.as_ref().is_none_or(|(t, _)| token < *t) {
+                entry.head = Some((token, stored.owner));
+            }
+        }
+        let revision = all.header().map_or(0, |h| h.revision());
+        Ok((locks.into_values().take(max).collect(), revision))
     }
 
     /// The current holder of `name`, if any (the caller was authorized for `name`).

@@ -136,6 +136,8 @@ pub struct ServiceInner {
     pub(crate) tasks: TaskTracker,
     /// Cancelled when the server shuts down: waits stop and clean up.
     pub(crate) shutdown: CancellationToken,
+    /// Slots for watch streams (`watch.rs`).
+    pub(crate) streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::ops::Deref for Service {
@@ -157,6 +159,7 @@ impl Service {
                 wakeups: Wakeups::default(),
                 tasks: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
+                streams: Arc::new(tokio::sync::Semaphore::new(crate::watch::MAX_STREAMS)),
             }),
         }
     }

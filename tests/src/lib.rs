@@ -739,13 +739,15 @@ impl Api {
             let id = rest.split('/').next().unwrap_or_default();
             return handles.by_lease.get(id).cloned();
         }
-        let rest = path.strip_prefix("/v1/locks/")?;
+        let rest = path
+            .strip_prefix("/v1/locks/")
+            .or_else(|| path.strip_prefix("/v1/elections/"))?;
         let (name, action) = rest.rsplit_once('/')?;
         let name = decoded(name);
         let body = body?;
         let lease = match action {
-            "acquire" => body["lease_id"].as_str()?.to_owned(),
-            "release" | "renew" => handles
+            "acquire" | "campaign" => body["lease_id"].as_str()?.to_owned(),
+            "release" | "renew" | "resign" => handles
                 .by_hold
                 .get(&(name, body["token"].as_u64()?))?
                 .clone(),
@@ -764,9 +766,11 @@ impl Api {
         if let Some(handle) = answer["handle"].as_str() {
             handles.by_lease.insert(lease.to_owned(), handle.to_owned());
         }
-        if let (Some(rest), Some(token)) =
-            (path.strip_prefix("/v1/locks/"), answer["token"].as_u64())
-            && let Some((name, "acquire")) = rest.rsplit_once('/')
+        let rest = path
+            .strip_prefix("/v1/locks/")
+            .or_else(|| path.strip_prefix("/v1/elections/"));
+        if let (Some(rest), Some(token)) = (rest, answer["token"].as_u64())
+            && let Some((name, "acquire" | "campaign")) = rest.rsplit_once('/')
         {
             handles
                 .by_hold

@@ -180,3 +180,45 @@ pub async fn revoke_lease(
     state.service.revoke_lease(&auth).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// One lease in `GET /v1/leases`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LeaseSummaryResponse {
+    /// The lease.
+    pub lease_id: String,
+    /// Who holds it.
+    pub owner: Option<String>,
+    /// The TTL etcd granted, in milliseconds.
+    pub ttl_ms: u64,
+}
+
+/// The live leases of the caller's tenant.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LeaseListResponse {
+    /// At most 1,000.
+    pub leases: Vec<LeaseSummaryResponse>,
+}
+
+/// Lists the tenant's live leases (at most 1,000; no handles).
+#[utoipa::path(get, path = "/v1/leases", tag = "leases",
+    responses(
+        (status = 200, description = "The live leases", body = LeaseListResponse),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 503, description = "store_unavailable or overloaded", body = ErrorBody),
+    ))]
+pub async fn list_leases(
+    State(state): State<AppState>,
+    Caller(tenant): Caller,
+) -> Result<Json<LeaseListResponse>, ApiError> {
+    let leases = state.service.list_leases(&tenant, 1000).await?;
+    Ok(Json(LeaseListResponse {
+        leases: leases
+            .into_iter()
+            .map(|(id, meta)| LeaseSummaryResponse {
+                lease_id: id.to_string(),
+                owner: meta.owner,
+                ttl_ms: meta.ttl_ms,
+            })
+            .collect(),
+    }))
+}

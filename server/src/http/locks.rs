@@ -351,3 +351,58 @@ pub async fn lock_status(
     let status = state.service.lock_status(&tenant, &name).await?;
     Ok(Json(LockStatusResponse::from_status(status)))
 }
+
+/// One lock in `GET /v1/locks`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LockSummaryResponse {
+    /// The lock name.
+    pub name: String,
+    /// Keys in its queue, holders included.
+    pub queued: u64,
+    /// The head of its queue (the first holder).
+    pub holder: Option<HolderBrief>,
+}
+
+/// A holder in a lock list: token and owner.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HolderBrief {
+    /// Its fencing token.
+    pub token: u64,
+    /// Who, if they said.
+    pub owner: Option<String>,
+}
+
+/// The locks of the caller's tenant that someone holds or waits for.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LockListResponse {
+    /// Sorted by name, at most 1,000.
+    pub locks: Vec<LockSummaryResponse>,
+    /// The etcd revision of this list: follow `GET /v1/events` with `Last-Event-ID` set to it to
+    /// miss no change after it.
+    pub revision: i64,
+}
+
+/// Lists the locks someone holds or waits for (sorted by name, at most 1,000).
+#[utoipa::path(get, path = "/v1/locks", tag = "locks",
+    responses(
+        (status = 200, description = "The locks in use", body = LockListResponse),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 503, description = "store_unavailable or overloaded", body = ErrorBody),
+    ))]
+pub async fn list_locks(
+    State(state): State<AppState>,
+    Caller(tenant): Caller,
+) -> Result<Json<LockListResponse>, ApiError> {
+    let (locks, revision) = state.service.list_locks(&tenant, 1000).await?;
+    Ok(Json(LockListResponse {
+        revision,
+        locks: locks
+            .into_iter()
+            .map(|l| LockSummaryResponse {
+                name: l.name.to_string(),
+                queued: l.queued,
+                holder: l.head.map(|(token, owner)| HolderBrief { token, owner }),
+            })
+            .collect(),
+    }))
+}

@@ -2,13 +2,16 @@
 //! `/openapi.json`). Handlers translate HTTP to calls on [`Service`] and back; they decide
 //! nothing about locks.
 
+pub mod elections;
 pub mod error;
 pub mod extract;
 pub mod groups;
 pub mod leases;
 pub mod locks;
 pub mod serve;
+pub mod streams;
 pub mod tls;
+pub mod ui;
 
 use std::sync::Arc;
 
@@ -50,7 +53,8 @@ pub struct AppState {
     ),
     tags(
         (name = "leases", description = "TTL leases that locks are held under"),
-        (name = "locks", description = "FIFO locks with fencing tokens"),
+        (name = "locks", description = "FIFO locks with fencing tokens: mutexes, semaphores, read-write locks, groups"),
+        (name = "elections", description = "Leader election on the lock queue; the leader's token is its epoch"),
         (name = "service", description = "Health, readiness and this document"),
     )
 )]
@@ -61,7 +65,9 @@ pub fn router_and_openapi(state: AppState) -> (Router, utoipa::openapi::OpenApi)
     // Install the recorder now: metrics recorded before it exists are lost.
     metrics::handle();
     let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .routes(routes!(leases::grant_lease))
+        .routes(routes!(leases::grant_lease, leases::list_leases))
+        .routes(routes!(locks::list_locks))
+        .routes(routes!(ui::status_page))
         .routes(routes!(leases::keep_lease_alive))
         .routes(routes!(leases::show_lease, leases::revoke_lease))
         .routes(routes!(
@@ -76,6 +82,12 @@ pub fn router_and_openapi(state: AppState) -> (Router, utoipa::openapi::OpenApi)
         .routes(routes!(locks::renew_lock))
         .routes(routes!(locks::release_lock))
         .routes(routes!(locks::lock_status))
+        .routes(routes!(streams::watch_lock))
+        .routes(routes!(streams::watch_all))
+        .routes(routes!(elections::campaign))
+        .routes(routes!(elections::resign))
+        .routes(routes!(elections::leader))
+        .routes(routes!(streams::observe))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(openapi_json))
