@@ -248,6 +248,8 @@ impl Store {
         let started = Instant::now();
         // Boxed: etcd-client's futures are tens of KiB, and every future awaiting this one would
         // otherwise carry that inline. A queued acquire then costs ~165 KiB instead of a few KiB.
+        // Callers pass an `async move` block, so that future only comes into being here, once
+        // admitted: a call queued under the admission limit holds just its arguments.
         let call = Box::pin(call.instrument(span));
         let result = match tokio::time::timeout(self.request_timeout, call).await {
             Ok(result) => result.map_err(StoreError::from),
@@ -279,7 +281,8 @@ impl Store {
     /// A transaction; `target` names the key or prefix it is about, for traces.
     pub async fn txn(&self, target: &str, txn: Txn) -> Result<TxnResponse, StoreError> {
         let (at, mut client) = self.pick_client();
-        self.call(at, "txn", target, client.txn(txn)).await
+        self.call(at, "txn", target, async move { client.txn(txn).await })
+            .await
     }
 
     /// A range read.
@@ -289,7 +292,14 @@ impl Store {
         options: Option<GetOptions>,
     ) -> Result<GetResponse, StoreError> {
         let (at, mut client) = self.pick_client();
-        self.call(at, "get", key, client.get(key, options)).await
+        let owned = key.to_owned();
+        self.call(
+            at,
+            "get",
+            key,
+            async move { client.get(owned, options).await },
+        )
+        .await
     }
 
     /// A write.
@@ -300,9 +310,12 @@ impl Store {
         options: Option<PutOptions>,
     ) -> Result<(), StoreError> {
         let (at, mut client) = self.pick_client();
-        self.call(at, "put", key, client.put(key, value, options))
-            .await
-            .map(drop)
+        let owned = key.to_owned();
+        self.call(at, "put", key, async move {
+            client.put(owned, value, options).await
+        })
+        .await
+        .map(drop)
     }
 
     /// Grants lease `id` for `ttl_secs` seconds (etcd may raise it to its minimum); `LeaseExists`
@@ -314,12 +327,9 @@ impl Store {
     ) -> Result<LeaseGrantResponse, StoreError> {
         let (at, mut client) = self.pick_client();
         let options = etcd_client::LeaseGrantOptions::new().with_id(id.as_i64());
-        self.call(
-            at,
-            "lease_grant",
-            &id.to_string(),
-            client.lease_grant(ttl_secs, Some(options)),
-        )
+        self.call(at, "lease_grant", &id.to_string(), async move {
+            client.lease_grant(ttl_secs, Some(options)).await
+        })
         .await
     }
 
@@ -346,12 +356,9 @@ impl Store {
     /// Revokes a lease and, with it, every key attached to it.
     pub async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
         let (at, mut client) = self.pick_client();
-        self.call(
-            at,
-            "lease_revoke",
-            &lease.to_string(),
-            client.lease_revoke(lease.as_i64()),
-        )
+        self.call(at, "lease_revoke", &lease.to_string(), async move {
+            client.lease_revoke(lease.as_i64()).await
+        })
         .await
         .map(drop)
     }
@@ -360,12 +367,9 @@ impl Store {
     /// of 0 (lease gone) comes back as `LeaseNotFound`.
     pub async fn lease_keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
         let (at, mut client) = self.pick_client();
-        self.call(
-            at,
-            "lease_keepalive",
-            &lease.to_string(),
-            client.lease_keep_alive(lease.as_i64()),
-        )
+        self.call(at, "lease_keepalive", &lease.to_string(), async move {
+            client.lease_keep_alive(lease.as_i64()).await
+        })
         .await
         .map(drop)
     }
@@ -378,12 +382,9 @@ impl Store {
     ) -> Result<LeaseTimeToLiveResponse, StoreError> {
         let (at, mut client) = self.pick_client();
         let options = with_keys.then(|| LeaseTimeToLiveOptions::new().with_keys());
-        self.call(
-            at,
-            "lease_ttl",
-            &lease.to_string(),
-            client.lease_time_to_live(lease.as_i64(), options),
-        )
+        self.call(at, "lease_ttl", &lease.to_string(), async move {
+            client.lease_time_to_live(lease.as_i64(), options).await
+        })
         .await
     }
 }

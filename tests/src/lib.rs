@@ -598,6 +598,17 @@ impl ServerProcess {
         self.child.as_ref().and_then(|c| c.id())
     }
 
+    /// Resident memory now (`VmRSS`), in KiB.
+    pub fn rss_kib(&self) -> Result<u64> {
+        let pid = self.pid().context("not running")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS in /proc/PID/status")
+    }
+
     /// Peak resident memory so far (`VmHWM`), in KiB.
     pub fn peak_rss_kib(&self) -> Result<u64> {
         let pid = self.pid().context("not running")?;
