@@ -83,14 +83,11 @@ fn have_tool(program: &str, probe_args: &[&str], package: &str) -> bool {
         return true;
     }
     if std::env::var(SKIP_ENV).is_ok_and(|v| v == "1") {
-        // Straight to stderr, past the test harness capture, so the skip shows in a passing run.
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
-             !!! SKIPPED: `{program}` is not available (Debian package `{package}`);\n\
-             !!! {SKIP_ENV}=1 is set, so the checks that need it did NOT run.\n\
-             !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
-        );
+        // The harness captures a passing test's stderr: the skip log is what scripts/test
+        // prints at the end.
+        leasehold_tests::report_skip(&format!(
+            "compose_files: checks that need `{program}` (Debian package `{package}`; {SKIP_ENV}=1)"
+        ));
         return false;
     }
     panic!(

@@ -165,7 +165,9 @@ fn a_report_that_tested_too_little_is_refused() {
 /// installs it) unless `LEASEHOLD_SKIP_SCHEMATHESIS=1`.
 fn schemathesis() -> Result<Option<String>> {
     if std::env::var("LEASEHOLD_SKIP_SCHEMATHESIS").as_deref() == Ok("1") {
-        eprintln!("!!! LEASEHOLD_SKIP_SCHEMATHESIS=1: OpenAPI fuzzing SKIPPED");
+        leasehold_tests::report_skip(
+            "fuzz_openapi: OpenAPI fuzzing (LEASEHOLD_SKIP_SCHEMATHESIS=1)",
+        );
         return Ok(None);
     }
     let bin = std::env::var("LEASEHOLD_SCHEMATHESIS").unwrap_or_else(|_| "schemathesis".into());
