@@ -122,9 +122,11 @@ async fn lost_hold_kills_the_command_promptly() -> Result<()> {
     let pids_file = dir.path().join("pids");
     let handle_file = dir.path().join("handle");
     // CMD (a shell) starts a child and writes both process ids, then waits for the child. It
-    // also hands the lease's handle (from its environment) to this test, which revokes.
+    // also hands the lease's handle (from its environment) to this test, which revokes. The
+    // child's output goes elsewhere, so that a child left running does not hold leasehold's
+    // stderr open: it is found by its pid.
     let script = format!(
-        "sleep 30 & echo $$ $! > {pids}.tmp && mv {pids}.tmp {pids}; echo $LEASEHOLD_HANDLE > {handle}; wait",
+        "sleep 30 >/dev/null 2>&1 & echo $$ $! > {pids}.tmp && mv {pids}.tmp {pids}; echo $LEASEHOLD_HANDLE > {handle}; wait",
         pids = pids_file.display(),
         handle = handle_file.display(),
     );
