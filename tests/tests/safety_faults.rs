@@ -181,6 +181,23 @@ fn unavailable_within(recorder: &Recorder, from: Duration, to: Duration) -> usiz
         .count()
 }
 
+/// True if member `i` answers a status request within 1 s (a killed or stopped member does not).
+async fn answers(etcd: &EtcdCluster, i: usize) -> bool {
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(1))
+        .with_timeout(Duration::from_secs(1));
+    let status = async {
+        etcd_client::Client::connect([etcd.endpoint(i)], Some(options))
+            .await?
+            .status()
+            .await
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), status).await,
+        Ok(Ok(_))
+    )
+}
+
 /// Waits until a running member other than `old` says it is the leader; returns it and how
 /// long that took.
 async fn wait_for_new_leader(
@@ -309,6 +326,10 @@ async fn killed_etcd_leader() -> Result<()> {
         .fault_start(format!("kill -9 etcd leader m{leader}"), false);
     let from = rig.recorder.now();
     rig.etcd.kill(leader).await?;
+    ensure!(
+        !answers(&rig.etcd, leader).await,
+        "m{leader} still answers: the fault was not injected"
+    );
     let (new_leader, elected_in) =
         wait_for_new_leader(&rig.etcd, leader, Duration::from_secs(15)).await?;
     sleep(Duration::from_secs(5).saturating_sub(elected_in)).await;
@@ -341,6 +362,10 @@ async fn paused_etcd_leader() -> Result<()> {
         .fault_start(format!("SIGSTOP etcd leader m{leader}"), false);
     let from = rig.recorder.now();
     rig.etcd.pause(leader)?;
+    ensure!(
+        !answers(&rig.etcd, leader).await,
+        "m{leader} still answers: the fault was not injected"
+    );
     let (new_leader, elected_in) =
         wait_for_new_leader(&rig.etcd, leader, Duration::from_secs(15)).await?;
     sleep(Duration::from_secs(5).saturating_sub(elected_in)).await;
