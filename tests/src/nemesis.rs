@@ -306,6 +306,8 @@ impl WorkloadConfig {
 
 /// Contending clients running until stopped.
 pub struct Workload {
+    /// Start no new round; a client in a session keeps its lease (alive) until `stop`.
+    quiesce: CancellationToken,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<Result<()>>>,
 }
@@ -318,10 +320,10 @@ impl Workload {
     /// Each client loops over three kinds of rounds:
     /// - a lock under a lease of its own (`.ttl()`): acquire, hold, maybe renew, write if still
     ///   held, release (which revokes the lease);
-    /// - a session: grant a lease, take one to three locks in turn under it (each released, or
-    ///   the last one ended by revoking the lease while held), then revoke the lease; one session
-    ///   in six instead revokes the lease by id and handle while the client still has it and
-    ///   asks for a lock under it once more, which must fail;
+    /// - a session: grant a lease, take one to three locks in turn under it (one session in three:
+    ///   six to twelve), each released or the last one ended by revoking the lease while held,
+    ///   then revoke the lease; one session in six instead revokes the lease by id and handle
+    ///   while the client still has it and asks for a lock under it once more, which must fail;
     /// - a status read of a lock.
     ///
     /// One acquire in four waits only [`WorkloadConfig::short_wait`] and mostly gives up.
@@ -332,7 +334,7 @@ impl Workload {
         ledger: &FencedLedger,
         seed: u64,
     ) -> Result<Self> {
-        let stop = CancellationToken::new();
+        let (quiesce, stop) = (CancellationToken::new(), CancellationToken::new());
         let config = Arc::new(config);
         let mut tasks = Vec::new();
         for i in 0..config.clients {
@@ -349,17 +351,31 @@ impl Workload {
                 rec: recorder.clone(),
                 ledger: ledger.clone(),
                 rng: Rng::new(seed.wrapping_add(i as u64)),
+                quiesce: quiesce.clone(),
                 stop: stop.clone(),
                 avoid: Vec::new(),
             };
             tasks.push(tokio::spawn(worker.run()));
         }
-        Ok(Self { stop, tasks })
+        Ok(Self {
+            quiesce,
+            stop,
+            tasks,
+        })
+    }
+
+    /// Lets every client finish its current operation and release what it holds, but a client
+    /// in a session keeps that lease alive (unrevoked) until [`Workload::stop`]: whatever a
+    /// lock's holder is from then on, no client was told it. A key of unknown outcome left
+    /// under such a lease is removed only by the server's clean-up.
+    pub fn quiesce(&self) {
+        self.quiesce.cancel();
     }
 
     /// Stops every client after its current operation (each releases what it holds and revokes
     /// its session) and waits for them.
     pub async fn stop(self) -> Result<()> {
+        self.quiesce.cancel();
         self.stop.cancel();
         let deadline = Instant::now() + Duration::from_secs(40);
         for task in self.tasks {
@@ -407,6 +423,7 @@ struct Worker {
     rec: Recorder,
     ledger: FencedLedger,
     rng: Rng,
+    quiesce: CancellationToken,
     stop: CancellationToken,
     /// Locks to leave alone until then (after an acquire of unknown outcome).
     avoid: Vec<(usize, Instant)>,
@@ -414,7 +431,7 @@ struct Worker {
 
 impl Worker {
     async fn run(mut self) -> Result<()> {
-        while !self.stop.is_cancelled() {
+        while !self.quiesce.is_cancelled() {
             match self.rng.below(6) {
                 0..=2 => self.own_lease_round().await?,
                 3 | 4 => self.session().await?,
@@ -520,10 +537,16 @@ impl Worker {
             }
         };
         let id = lease.id().to_string();
-        let rounds = 1 + self.rng.below(3);
+        // One session in three is long (6 to 12 locks in turn): a key of unknown outcome left
+        // under it outlives the short sessions, and only the server's clean-up removes it.
+        let rounds = if self.rng.one_in(3) {
+            6 + self.rng.below(7)
+        } else {
+            1 + self.rng.below(3)
+        };
         let mut kept = None;
         for round in 0..rounds {
-            if self.stop.is_cancelled() {
+            if self.quiesce.is_cancelled() {
                 break;
             }
             if !lease.is_alive() {
@@ -563,6 +586,10 @@ impl Worker {
             } else {
                 self.release(&lock, guard).await;
             }
+        }
+        if self.quiesce.is_cancelled() && kept.is_none() {
+            // Keep the lease (kept alive in the background) until the run stops.
+            self.stop.cancelled().await;
         }
         if self.rng.one_in(6) && kept.is_none() && lease.is_alive() {
             return self.revoke_and_probe(lease).await;
@@ -757,6 +784,41 @@ impl Worker {
             ),
         }
     }
+}
+
+/// Reads the status of every lock in `locks` through a client over `urls`, recording each read
+/// into `recorder` as client `observer`; returns the holders seen (lock, token, owner). The
+/// checker must explain each (rule 7).
+pub async fn observe_holders(
+    urls: &[String],
+    locks: &[String],
+    recorder: &Recorder,
+) -> Result<Vec<(String, u64, Option<String>)>> {
+    let client = leasehold::Client::builder()
+        .endpoints(urls.iter().cloned())
+        .request_timeout(Duration::from_secs(3))
+        .build()?;
+    let mut held = Vec::new();
+    for lock in locks {
+        let op = recorder.invoke("observer", lock, Kind::StatusInvoke);
+        match client.status(lock).await {
+            Ok(status) => {
+                let holder = status.holder;
+                recorder.complete(
+                    &op,
+                    Kind::StatusOk {
+                        holder: holder.as_ref().map(|h| h.token.get()),
+                        owner: holder.as_ref().and_then(|h| h.owner.clone()),
+                    },
+                );
+                if let Some(h) = holder {
+                    held.push((lock.clone(), h.token.get(), h.owner));
+                }
+            }
+            Err(err) => recorder.complete(&op, Kind::StatusFail { error: brief(&err) }),
+        }
+    }
+    Ok(held)
 }
 
 /// Waits (up to `within`) until no lock in `locks` has a holder, asking any server in `urls`

@@ -12,10 +12,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use leasehold_tests::history::{Kind, Op, Recorder, Summary};
+use leasehold_tests::delay::DelayProxy;
+use leasehold_tests::history::{Kind, Limits, Op, Recorder, Summary};
 use leasehold_tests::nemesis::{
-    FencedLedger, Replica, Rng, Workload, WorkloadConfig, brief, seed, urls, wait_no_holders,
-    written,
+    FencedLedger, Replica, Rng, Workload, WorkloadConfig, brief, observe_holders, seed, urls,
+    wait_no_holders, written,
 };
 use leasehold_tests::{EtcdCluster, server_bin};
 use nix::sys::signal::{Signal, kill};
@@ -36,6 +37,9 @@ const MARGIN: Duration = Duration::from_millis(250);
 struct Rig {
     etcd: EtcdCluster,
     servers: Vec<Replica>,
+    /// Staggered rigs: replica `i`'s first endpoint is `links[i]`, a delaying proxy to member
+    /// `i % 3`.
+    links: Vec<DelayProxy>,
     recorder: Recorder,
     ledger: FencedLedger,
     config: WorkloadConfig,
@@ -51,7 +55,9 @@ impl Rig {
     /// With `staggered`, three replicas with `--etcd-timeout 1s` whose first endpoint differs:
     /// replica 0 has member 0 alone, replica 1 has members 1, 2, 0 and replica 2 has 2, 0, 1. So
     /// whichever member stalls, some replica sends it its requests first (or only), gives up on
-    /// them after 1 s and answers 503, and the member applies them when it continues.
+    /// them after 1 s and answers 503, and the member applies them when it continues. Each
+    /// replica reaches its first member through a [`DelayProxy`] (`links`), which can hold its
+    /// requests back: a slow link instead of a stopped member, and deterministic lateness.
     async fn start_with(
         servers: usize,
         clients: usize,
@@ -62,12 +68,15 @@ impl Rig {
         leasehold_tests::init_logging();
         let etcd = EtcdCluster::start(3).await?;
         let mut replicas = Vec::new();
+        let mut links = Vec::new();
         for i in 0..servers {
             replicas.push(if staggered {
-                let endpoints: Vec<String> = match i % 3 {
-                    0 => vec![etcd.endpoint(0)],
-                    k => (0..3).map(|m| etcd.endpoint((k + m) % 3)).collect(),
-                };
+                let link = DelayProxy::start(&etcd.endpoint(i % 3)).await?;
+                let mut endpoints = vec![link.url()];
+                if i % 3 != 0 {
+                    endpoints.extend((1..3).map(|m| etcd.endpoint((i + m) % 3)));
+                }
+                links.push(link);
                 Replica::spawn_with(&server_bin!(), &endpoints, &["--etcd-timeout", "1s"]).await?
             } else {
                 Replica::spawn(&server_bin!(), &etcd.endpoints()).await?
@@ -79,6 +88,7 @@ impl Rig {
         Ok(Self {
             etcd,
             servers: replicas,
+            links,
             recorder,
             ledger,
             config: WorkloadConfig::new(clients, locks),
@@ -640,16 +650,22 @@ async fn paused_client_late_write_is_rejected() -> Result<()> {
 
 /// A randomized nemesis from the seed, over one run of ~45 s: one fault after another, each
 /// healed before the next, drawn from server replica kills (restarted on the same port), etcd
-/// leader and member kills, etcd member stalls, quorum loss, and a stalled client process.
+/// leader and member kills, etcd member stalls, held-back links, quorum loss, and a stalled
+/// client process.
 ///
 /// The replicas are staggered ([`Rig::start_with`]): `--etcd-timeout 1s`, and each member is
-/// the first (for replica 0, the only) endpoint of some replica. A member stall (`SIGSTOP` for
-/// 2-4 s, then `SIGCONT`; three draws in eight) therefore makes some replica give up on requests
-/// it sent to that member and answer 503, and the member applies them when it continues: late
-/// enqueues, clean-ups, releases, keep-alives and revokes, while the clients acquire, wait and
-/// give up, release, revoke session leases and read status, and retry on another replica as the
-/// crate does. Whatever the mix, the history passes every rule (including: no holder that no
-/// client was told of beyond its bound) and no lock is left held.
+/// the first (for replica 0, the only) endpoint of some replica, reached through a delaying
+/// proxy. A member stall (`SIGSTOP` for 2-4 s, then `SIGCONT`; three draws in ten) makes some
+/// replica give up on requests it sent to that member and answer 503, and the member applies
+/// them when it continues if it read them before it was stopped (a race). A held-back link (two
+/// draws in ten) does the same deterministically: for 0.3-1.2 s, what one replica sends its first
+/// member reaches it 2-4 s later. Meanwhile the clients acquire, wait and give up, release,
+/// revoke session leases and read status, and retry on another replica as the crate does.
+///
+/// At the end the clients release everything but keep their session leases open; once the
+/// checker's clean-up bound has passed since the last fault healed, an observer reads every
+/// lock. Whatever the mix, the history passes every rule (including: no holder that no client
+/// was told of beyond its bound) and no lock is left held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn randomized_nemesis() -> Result<()> {
     let _serial = SERIAL.lock().await;
@@ -659,11 +675,11 @@ async fn randomized_nemesis() -> Result<()> {
     let run = rig.workload(seed)?;
     let started = Instant::now();
     let mut schedule = Vec::new();
-    let mut stalls = 0;
+    let (mut stalls, mut late_links) = (0, 0);
     sleep(Duration::from_secs(1)).await;
     while started.elapsed() < Duration::from_secs(45) {
         let hold = rng.between(Duration::from_millis(1000), Duration::from_millis(4000));
-        let choice = rng.below(8);
+        let choice = rng.below(10);
         let at = rig.recorder.now();
         let what = match choice {
             0 => {
@@ -698,13 +714,8 @@ async fn randomized_nemesis() -> Result<()> {
                 // Longer than the replicas' 1 s etcd timeout: what they sent it lands late.
                 let victim = rng.below(3);
                 let stall = rng.between(Duration::from_secs(2), Duration::from_secs(4));
-                let first_of: Vec<usize> = rig
-                    .servers
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, r)| r.etcd_endpoints().first() == Some(&rig.etcd.endpoint(victim)))
-                    .map(|(i, _)| i)
-                    .collect();
+                let first_of: Vec<usize> =
+                    (0..rig.servers.len()).filter(|i| i % 3 == victim).collect();
                 let fault = rig.recorder.fault_start(
                     format!("SIGSTOP etcd m{victim} (first endpoint of replicas {first_of:?})"),
                     false,
@@ -719,7 +730,31 @@ async fn randomized_nemesis() -> Result<()> {
                     "etcd m{victim} stall for {stall:.1?} (first endpoint of replicas {first_of:?})"
                 )
             }
-            6 => {
+            6 | 7 => {
+                // A slow link: what one replica sends its first member for a moment arrives
+                // seconds later, after the replica gave up on it (1 s) and answered.
+                let replica = rng.below(rig.links.len());
+                let delay = rng.between(Duration::from_secs(2), Duration::from_secs(4));
+                let window = rng.between(Duration::from_millis(300), Duration::from_millis(1200));
+                let fault = rig.recorder.fault_start(
+                    format!(
+                        "requests from replica {replica} to m{} held back {delay:.1?} for {window:.1?}",
+                        replica % 3
+                    ),
+                    false,
+                );
+                rig.links[replica].set_delay(delay);
+                sleep(window).await;
+                rig.links[replica].set_delay(Duration::ZERO);
+                sleep(delay).await; // everything held back has landed
+                rig.recorder.fault_end(&fault);
+                late_links += 1;
+                format!(
+                    "replica {replica}'s requests to m{} held back {delay:.1?} for {window:.1?}",
+                    replica % 3
+                )
+            }
+            8 => {
                 let spared = rng.below(3);
                 let (a, b) = ((spared + 1) % 3, (spared + 2) % 3);
                 // The whole disturbance, until etcd serves again (leases cannot expire before).
@@ -765,11 +800,29 @@ async fn randomized_nemesis() -> Result<()> {
         sleep(rng.between(Duration::from_millis(300), Duration::from_millis(1500))).await;
     }
     wait_for_grant(&rig.recorder, rig.recorder.now(), Duration::from_secs(20)).await?;
+    // The clients release what they hold but keep their session leases alive. Once a server must
+    // have confirmed every clean-up it still owed (the checker's bound, counted from the last
+    // fault's end), any holder left is a key no client was told of under a live lease: an
+    // observer reads every lock, and the checker must explain each holder it sees (rule 7).
+    run.quiesce();
+    let limits = Limits::default();
+    let last_heal = rig
+        .recorder
+        .events()
+        .iter()
+        .filter(|e| matches!(e.kind, Kind::FaultEnd { .. }))
+        .map(|e| e.at)
+        .max()
+        .unwrap_or_default();
+    let look_at = last_heal + limits.clean_up_within + limits.slack;
+    sleep(look_at.saturating_sub(rig.recorder.now())).await;
+    let left = observe_holders(&urls(&rig.servers), &rig.config.locks, &rig.recorder).await?;
     run.stop().await?;
     println!("randomized_nemesis schedule:\n{}", schedule.join("\n"));
+    println!("randomized_nemesis: holders with every client quiet, sessions open: {left:?}");
     let summary = rig.finish("randomized_nemesis", &[]).await?;
     println!(
-        "randomized_nemesis: {stalls} member stalls; {} acquires of unknown outcome",
+        "randomized_nemesis: {stalls} member stalls, {late_links} held-back links; {} acquires of unknown outcome",
         summary.indeterminate
     );
     Ok(())
