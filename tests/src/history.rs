@@ -47,18 +47,18 @@
 //! 7. **No untold holder** (no phantom): every holder a client observed (the holder named in a
 //!    `lock_held` answer, or by a status read) is explained. A holder token `t`, read at some
 //!    moment between the observing operation's invoke and completion, is explained if some
-//!    acquire of that lock may have had its waiter key then: from the acquire's invoke until its
-//!    key is certainly gone, which is
-//!    - for an acquire that failed determinately (`lock_held`, `lease_not_found`, ...): its
-//!      completion (the server answers only once its clean-up was confirmed);
-//!    - for a grant (the told token `t` itself): the hold's end if the release was confirmed;
-//!      else the death of its lease: a confirmed revoke, `lease_not_found`, or one expiry bound
-//!      after its client stopped keeping the lease alive (for a lease of its own, the hold's end);
-//!    - for an acquire with an unknown outcome: under a lease of its own (the crate revokes it
-//!      before reporting the failure, or leaves it to expire), one expiry bound after the
-//!      failure; under a shared lease, the lease's death or, unless a server replica was killed
-//!      meanwhile, [`Limits::clean_up_within`] after the failure (the server retries the clean-up
-//!      until etcd confirms it).
+//!    acquire of that lock (by the client the holder's owner label names, when it has one) may
+//!    have had a waiter key then: from the acquire's invoke until its key is certainly gone.
+//!    - The told key (token `t` of a grant) is gone once its release was confirmed, else when its
+//!      lease is: a confirmed revoke, `lease_not_found`, or one expiry bound after its client
+//!      stopped keeping the lease alive (for a lease of its own, the hold's end).
+//!    - Any other key of the acquire is gone (every acquire, granted or not, may have sent
+//!      attempts that got no answer before its last one, and the history cannot tell): under a
+//!      lease of its own, one expiry bound after the client gave that lease up (the failure, or
+//!      the hold's end: the client revokes it then, or leaves it to expire); under a
+//!      shared lease, at the lease's death or, unless a server replica was killed meanwhile,
+//!      [`Limits::clean_up_within`] after the acquire's end (the server retries the clean-up of
+//!      an abandoned attempt until etcd confirms it).
 //!
 //!    Every bound waits for quiet first: a request sent while a fault is active may land when
 //!    the fault heals (a stalled member applies what it held), and an etcd leader change
