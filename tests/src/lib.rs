@@ -59,6 +59,23 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// Reports that a check did not run (a `LEASEHOLD_SKIP_*` variable allowed its missing tool):
+/// on stderr, and appended as one line to the file `LEASEHOLD_SKIP_LOG` names, if set.
+/// `scripts/test` sets it and prints the file at the end of its output, so a skip shows even
+/// when the test passed and its output was captured.
+pub fn report_skip(what: &str) {
+    use std::io::Write;
+    eprintln!("!!! SKIPPED: {what}");
+    if let Some(path) = std::env::var_os("LEASEHOLD_SKIP_LOG")
+        && let Ok(mut log) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    {
+        let _ = writeln!(log, "{what}");
+    }
+}
+
 /// A free TCP port on 127.0.0.1 (bound then released; a collision is unlikely, not impossible).
 pub fn free_port() -> Result<u16> {
     Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -611,13 +628,22 @@ impl ServerProcess {
 
     /// Peak resident memory so far (`VmHWM`), in KiB.
     pub fn peak_rss_kib(&self) -> Result<u64> {
+        self.status_kib("VmHWM:")
+    }
+
+    /// Resident memory now (`VmRSS`), in KiB.
+    pub fn rss_kib(&self) -> Result<u64> {
+        self.status_kib("VmRSS:")
+    }
+
+    fn status_kib(&self, field: &str) -> Result<u64> {
         let pid = self.pid().context("not running")?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmHWM in /proc/PID/status")
+            .with_context(|| format!("no {field} in /proc/PID/status"))
     }
 
     /// `kill -9`: no clean-up runs.

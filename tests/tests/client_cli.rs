@@ -110,21 +110,25 @@ async fn exit_codes_and_environment() -> Result<()> {
     Ok(())
 }
 
-/// Revoking the lease out of band while CMD runs gets CMD (and its children) terminated
-/// within the TTL, and `leasehold` exits with the documented code 76.
+/// Revoking the lease out of band while CMD runs gets CMD and its children terminated within
+/// the TTL (checked by their process ids: both are gone), and `leasehold` exits with the
+/// documented code 76.
 #[tokio::test]
 async fn lost_hold_kills_the_command_promptly() -> Result<()> {
     let etcd = EtcdCluster::start(1).await?;
     let server = TestServer::start(&etcd).await?;
     let api = Api::new(server.url());
     let dir = tempfile::tempdir()?;
-    let marker = dir.path().join("finished");
+    let pids_file = dir.path().join("pids");
     let handle_file = dir.path().join("handle");
-    // CMD gets the lease's handle in its environment: it hands it to this test, which revokes.
+    // CMD (a shell) starts a child and writes both process ids, then waits for the child. It
+    // also hands the lease's handle (from its environment) to this test, which revokes. The
+    // child's output goes elsewhere, so that a child left running does not hold leasehold's
+    // stderr open: it is found by its pid.
     let script = format!(
-        "echo $LEASEHOLD_HANDLE > {}; sleep 20; touch {}",
-        handle_file.display(),
-        marker.display()
+        "sleep 30 >/dev/null 2>&1 & echo $$ $! > {pids}.tmp && mv {pids}.tmp {pids}; echo $LEASEHOLD_HANDLE > {handle}; wait",
+        pids = pids_file.display(),
+        handle = handle_file.display(),
     );
     let child = cli(&server)
         .args([
@@ -142,12 +146,19 @@ async fn lost_hold_kills_the_command_promptly() -> Result<()> {
         .stderr(std::process::Stdio::piped())
         .spawn()?;
     let lease = wait_for_holder(&api, "victim").await?;
-    let handle = loop {
-        match std::fs::read_to_string(&handle_file) {
-            Ok(text) if text.ends_with('\n') => break text.trim().to_owned(),
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
+    let handle = wait_for_line(&handle_file).await?;
+    let pids: Vec<i32> = wait_for_line(&pids_file)
+        .await?
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    anyhow::ensure!(pids.len() == 2, "pids: {pids:?}");
+    for &pid in &pids {
+        anyhow::ensure!(
+            is_alive(pid),
+            "process {pid} is not running before the revoke"
+        );
+    }
     Api::remember_handle(&lease, &handle);
     let (status, _) = api.delete(&format!("/v1/leases/{lease}")).await?;
     assert_eq!(status, 204);
@@ -163,8 +174,50 @@ async fn lost_hold_kills_the_command_promptly() -> Result<()> {
     assert_eq!(output.status.code(), Some(76), "{output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("lost lock \"victim\""), "{stderr}");
-    assert!(!Path::new(&marker).exists());
+    // CMD (the shell) and its child (`sleep 30`) are both gone: not running, at most a zombie
+    // nobody has reaped yet.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while pids.iter().any(|&pid| is_alive(pid)) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "still running after leasehold exited: {:?}",
+            pids.iter()
+                .filter(|&&pid| is_alive(pid))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     Ok(())
+}
+
+/// True if process `pid` exists and is not a zombie.
+fn is_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses: `pid (comm) S ...`.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// The first line of `path` once it has been written completely (ends with a newline).
+async fn wait_for_line(path: &Path) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::fs::read_to_string(path) {
+            Ok(text) if text.ends_with('\n') => return Ok(text.trim().to_owned()),
+            _ => {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "{} was never written",
+                    path.display()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
 }
 
 async fn wait_for_holder(api: &Api, name: &str) -> Result<String> {
