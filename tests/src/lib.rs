@@ -51,6 +51,19 @@ macro_rules! server_bin {
     };
 }
 
+/// The path of the `leasehold` CLI under test (`test-leasehold-cli`, a binary of this crate that
+/// runs `leasehold::cli::main`), or `LEASEHOLD_CLI_BIN` if set: run a suite against another
+/// build (e.g. the previous one, to see a regression test fail). Only usable from this crate's
+/// integration tests.
+#[macro_export]
+macro_rules! cli_bin {
+    () => {
+        std::env::var_os("LEASEHOLD_CLI_BIN")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_test-leasehold-cli")))
+    };
+}
+
 /// Installs a test log subscriber once (`RUST_LOG` filters; off by default).
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
@@ -615,6 +628,17 @@ impl ServerProcess {
             child.kill().await?;
         }
         Ok(())
+    }
+
+    /// `SIGSTOP`: the process keeps its socket (the kernel still accepts connections) but
+    /// answers nothing, as a hung replica does.
+    pub fn pause(&self) -> Result<()> {
+        signal(self.child.as_ref().context("not running")?, Signal::SIGSTOP)
+    }
+
+    /// `SIGCONT` after [`ServerProcess::pause`].
+    pub fn resume(&self) -> Result<()> {
+        signal(self.child.as_ref().context("not running")?, Signal::SIGCONT)
     }
 
     /// `SIGTERM`, then waits for the exit status.

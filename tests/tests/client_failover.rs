@@ -1,12 +1,13 @@
 //! Fail-over and retry safety of the `leasehold` client, with real server processes killed
-//! with `kill -9`.
+//! with `kill -9` or hung with `SIGSTOP`.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use leasehold::{Client, RetryPolicy};
+use leasehold::{Client, LostReason, RetryPolicy};
 use leasehold_tests::{Api, EtcdCluster, ServerProcess};
 use serde_json::json;
+use tokio::time::Instant;
 
 const TTL: Duration = Duration::from_secs(2);
 
@@ -129,4 +130,69 @@ async fn waiter_token(etcd: &EtcdCluster, holder: u64) -> Result<u64> {
         .collect();
     anyhow::ensure!(waiters.len() == 1, "waiter keys: {waiters:?}");
     Ok(waiters[0])
+}
+
+/// Every call fails over from a *hung* replica listed first (SIGSTOP: it accepts connections
+/// and answers nothing): the idempotent lease grant, the acquire, status, lease calls, renewals
+/// and the release, each after at most one request timeout.
+#[tokio::test]
+async fn every_call_fails_over_from_a_hung_replica() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let (hung, live) = two_servers(&etcd).await?;
+    hung.pause()?;
+    let client = client(&hung, &live)?;
+    let started = Instant::now();
+    let lease = client.grant_lease(TTL).await?;
+    let guard = client.lock("hung/a").ttl(TTL).acquire().await?;
+    let under_lease = client.lock("hung/b").lease(&lease).acquire().await?;
+    assert_eq!(
+        client.status("hung/a").await?.holder.context("held")?.token,
+        guard.token()
+    );
+    assert_eq!(lease.info().await?.locks, ["hung/b"]);
+    client.keep_lease_alive(lease.id(), lease.handle()).await?;
+    tokio::time::sleep(2 * TTL).await;
+    assert!(guard.is_held() && under_lease.is_held() && lease.is_alive());
+    guard.release().await?;
+    under_lease.release().await?;
+    lease.revoke().await?;
+    // The first call waited one request timeout (1 s) for the hung replica; the rest went to
+    // the live one first.
+    assert!(started.elapsed() < 2 * TTL + Duration::from_secs(4));
+    assert_eq!(
+        Api::new(live.url()).get("/v1/locks/hung%2Fa").await?.1["holder"],
+        json!(null)
+    );
+    Ok(())
+}
+
+/// A hold renewed through a replica that then hangs survives on the other one: each renewal
+/// attempt gets at most its share of the time left before the client timer runs out (not the
+/// 5 s request timeout), so the second replica is still tried in time.
+#[tokio::test]
+async fn renewal_fails_over_in_time_from_a_replica_that_hangs() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let (first, second) = two_servers(&etcd).await?;
+    // Default request timeout (5 s): longer than the whole 2 s TTL.
+    let client = Client::builder()
+        .endpoints([first.url(), second.url()])
+        .build()?;
+    let guard = client.lock("hangs").ttl(TTL).acquire().await?;
+    let lease = client.grant_lease(TTL).await?;
+    first.pause()?;
+    let lost = tokio::time::timeout(3 * TTL, async {
+        tokio::select! {
+            reason = guard.lost() => Some(reason),
+            reason = lease.lost() => Some(reason),
+        }
+    })
+    .await
+    .unwrap_or(None);
+    assert_eq!(lost, None::<LostReason>, "a hold was lost");
+    assert!(guard.is_held() && lease.is_alive());
+    let (_, status) = Api::new(second.url()).get("/v1/locks/hangs").await?;
+    assert_eq!(status["holder"]["token"], json!(guard.token().get()));
+    first.resume()?;
+    guard.release().await?;
+    Ok(())
 }
