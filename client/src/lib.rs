@@ -11,6 +11,7 @@
 //! - `token`: [`FencingToken`].
 //! - `error`: [`Error`], mapped from the server's stable error codes.
 //! - `trace`: the W3C `traceparent` sent with each request (feature `otel`).
+//! - [`blocking`]: the same API for programs without an async runtime.
 //! - `cli`: the `leasehold` command line (feature `cli`, on by default).
 //!
 //! # Usage
@@ -35,6 +36,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod blocking;
 #[cfg(feature = "cli")]
 pub mod cli;
 mod client;
