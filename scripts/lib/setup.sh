@@ -54,6 +54,8 @@ check_promtool() { promtool --version >/dev/null 2>&1; }
 check_docker_compose() { docker-compose version >/dev/null 2>&1; }
 check_curl() { curl --version >/dev/null 2>&1; }
 check_python3() { python3 -c 'import json, socket' >/dev/null 2>&1; }
+# The CLI's terminal test runs `leasehold` on a pty through util-linux's `script`.
+check_script() { script --version >/dev/null 2>&1; }
 # `python3 -m venv` needs ensurepip, which Debian ships in python3-venv.
 check_python3_venv() { python3 -c 'import ensurepip, venv' >/dev/null 2>&1; }
 
@@ -73,6 +75,7 @@ REQUIREMENTS=(
   "prometheus:check_promtool"
   "docker-compose:check_docker_compose"
   "python3-venv:check_python3_venv"
+  "bsdutils:check_script"
 )
 
 # Prints the packages whose check fails. With `demo`, only the entries before "--tests--".

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use leasehold::{Client, LostReason, RetryPolicy};
 use leasehold_tests::{Api, EtcdCluster, ServerProcess};
 use serde_json::json;
+use tokio::process::Command;
 use tokio::time::Instant;
 
 const TTL: Duration = Duration::from_secs(2);
@@ -194,5 +195,68 @@ async fn renewal_fails_over_in_time_from_a_replica_that_hangs() -> Result<()> {
     assert_eq!(status["holder"]["token"], json!(guard.token().get()));
     first.resume()?;
     guard.release().await?;
+    Ok(())
+}
+
+/// The CLI: `lock` works with a hung replica listed first (issue 14, case 1), and a hold taken
+/// through a replica that then hangs survives on the other (case 2: `--ttl 3s`, default 5 s
+/// request timeout), CMD running to its end.
+#[tokio::test]
+async fn cli_fails_over_from_a_hung_replica() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let (r2, r1) = two_servers(&etcd).await?;
+    let endpoints = format!("{},{}", r2.url(), r1.url());
+    let cli = || {
+        let mut command = Command::new(leasehold_tests::cli_bin!());
+        command
+            .env("LEASEHOLD_ENDPOINTS", &endpoints)
+            .kill_on_drop(true);
+        command
+    };
+
+    let dir = tempfile::tempdir()?;
+    let go = dir.path().join("go");
+    let holding = cli()
+        .args(["lock", "--ttl", "3s", "fo3", "--", "sh", "-c"])
+        .arg(format!(
+            "while [ ! -e {} ]; do sleep 0.05; done",
+            go.display()
+        ))
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let api = Api::new(r1.url());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.get("/v1/locks/fo3").await?.1["holder"].is_null() {
+        anyhow::ensure!(Instant::now() < deadline, "never held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    r2.pause()?;
+    // More than a TTL with the preferred replica hung: renewals must go to r1 in time.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    std::fs::write(&go, "")?;
+    let output = tokio::time::timeout(Duration::from_secs(10), holding.wait_with_output())
+        .await
+        .context("leasehold did not finish")??;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let output = cli()
+        .args([
+            "--request-timeout",
+            "1s",
+            "lock",
+            "fo2",
+            "--",
+            "echo",
+            "ran",
+        ])
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "ran\n");
     Ok(())
 }

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use leasehold::{Client, Error, RetryBudget, RetryPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -235,6 +235,50 @@ async fn backoff_between_rounds_has_full_jitter() -> Result<()> {
     assert!(
         pauses.iter().any(|p| *p > Duration::from_millis(60)),
         "{pauses:?}"
+    );
+    Ok(())
+}
+
+/// The CLI honours `Retry-After` too, and reports an overload that outlasts its retries as
+/// `overloaded` (exit 69) with the server's `Retry-After`.
+#[tokio::test]
+async fn cli_honours_retry_after() -> Result<()> {
+    let once = Stub::start(Arc::new(|n| match n {
+        0 => (503, Some("1"), OVERLOADED),
+        _ => (200, None, STATUS),
+    }))
+    .await?;
+    let started = Instant::now();
+    let output = tokio::process::Command::new(leasehold_tests::cli_bin!())
+        .args(["--endpoints", &once.url, "status", "x"])
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+
+    let always = Stub::start(Arc::new(|_| (503, Some("0.2"), OVERLOADED))).await?;
+    let output = tokio::process::Command::new(leasehold_tests::cli_bin!())
+        .args([
+            "--endpoints",
+            &always.url,
+            "--output",
+            "json",
+            "status",
+            "x",
+        ])
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(69), "{output:?}");
+    let error: serde_json::Value =
+        serde_json::from_slice(&output.stderr).context("a JSON error")?;
+    assert_eq!(error["error"]["code"], "overloaded", "{error}");
+    assert_eq!(error["error"]["retry_after_ms"], 200, "{error}");
+    let arrivals = always.arrivals();
+    assert_eq!(arrivals.len(), 4, "the default policy's four attempts");
+    assert!(
+        gaps(&arrivals)
+            .iter()
+            .all(|g| *g >= Duration::from_millis(200))
     );
     Ok(())
 }
