@@ -902,6 +902,40 @@ impl Api {
         .await
     }
 
+    /// Waits (up to 10 s) until lock `name` has a holder; returns the holder's lease id.
+    pub async fn wait_for_holder(&self, name: &str) -> Result<String> {
+        let status = self
+            .wait_for_lock(name, |s| s["holder"]["lease_id"].is_string())
+            .await?;
+        Ok(status["holder"]["lease_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    /// Waits (up to 10 s) until `n` waiters queue behind the holder of lock `name`.
+    pub async fn wait_for_waiters(&self, name: &str, n: u64) -> Result<()> {
+        self.wait_for_lock(name, |s| s["waiters"] == n)
+            .await
+            .map(drop)
+    }
+
+    /// Polls lock `name`'s status (every 20 ms, up to 10 s) until `done` says so; returns it.
+    pub async fn wait_for_lock(&self, name: &str, done: impl Fn(&Value) -> bool) -> Result<Value> {
+        let path = format!("/v1/locks/{}", encode(name));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, status) = self.get(&path).await?;
+            if done(&status) {
+                return Ok(status);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("lock {name:?} never reached the expected state: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Grants a lease; returns its id.
     pub async fn grant(&self, ttl: &str) -> Result<String> {
         let (status, body) = self

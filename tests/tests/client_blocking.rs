@@ -76,14 +76,8 @@ fn blocking_guard_renews_and_releases() -> Result<()> {
             .acquire()
             .map(|g| g.token())
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while rig.status("blocking/a")?["waiters"] != 1 {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "the waiter never queued"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    rig.kit
+        .block_on(Api::new(rig.server.url()).wait_for_waiters("blocking/a", 1))?;
     let first = guard.token();
     guard.release()?;
     let second = waiter.join().expect("waiter thread")?;

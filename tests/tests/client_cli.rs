@@ -141,7 +141,7 @@ async fn lost_hold_kills_the_command_promptly() -> Result<()> {
         ])
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let lease = wait_for_holder(&api, "victim").await?;
+    let lease = api.wait_for_holder("victim").await?;
     let handle = loop {
         match std::fs::read_to_string(&handle_file) {
             Ok(text) if text.ends_with('\n') => break text.trim().to_owned(),
@@ -165,18 +165,6 @@ async fn lost_hold_kills_the_command_promptly() -> Result<()> {
     assert!(stderr.contains("lost lock \"victim\""), "{stderr}");
     assert!(!Path::new(&marker).exists());
     Ok(())
-}
-
-async fn wait_for_holder(api: &Api, name: &str) -> Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, status) = api.get(&format!("/v1/locks/{name}")).await?;
-        if let Some(lease) = status["holder"]["lease_id"].as_str() {
-            return Ok(lease.to_owned());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "never held: {status}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// `lease grant|show|keepalive|revoke`, `status` and `release --token` against a live server,

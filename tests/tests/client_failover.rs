@@ -74,7 +74,7 @@ async fn retried_acquire_does_not_queue_twice() -> Result<()> {
                 .await
         }
     });
-    wait_for_waiters(&api, "queue", 1).await?;
+    api.wait_for_waiters("queue", 1).await?;
     let queued = waiter_token(&etcd, held["token"].as_u64().context("token")?).await?;
 
     // The server holding the waiting request dies; the client resends to the survivor.
@@ -96,21 +96,6 @@ async fn retried_acquire_does_not_queue_twice() -> Result<()> {
     assert_eq!(guard.token().get(), queued);
     guard.release().await?;
     Ok(())
-}
-
-async fn wait_for_waiters(api: &Api, name: &str, n: u64) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, status) = api.get(&format!("/v1/locks/{name}")).await?;
-        if status["waiters"] == n {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "never {n} waiters: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The token (create revision) of the one waiter key that is not the holder's.
@@ -224,12 +209,7 @@ async fn cli_fails_over_from_a_hung_replica() -> Result<()> {
         ))
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let api = Api::new(r1.url());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while api.get("/v1/locks/fo3").await?.1["holder"].is_null() {
-        anyhow::ensure!(Instant::now() < deadline, "never held");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    Api::new(r1.url()).wait_for_holder("fo3").await?;
     r2.pause()?;
     // More than a TTL with the preferred replica hung: renewals must go to r1 in time.
     tokio::time::sleep(Duration::from_secs(4)).await;

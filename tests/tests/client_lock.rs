@@ -300,18 +300,9 @@ async fn cancelled_acquire_under_a_shared_lease_releases_its_grant() -> Result<(
         "the server granted the cancelled acquire: {status}"
     );
     proxy.set_answer_delay(Duration::ZERO);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let (_, status) = api.get("/v1/locks/abandoned").await?;
-        if status["holder"].is_null() {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the grant of the cancelled acquire was never released: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    api.wait_for_lock("abandoned", |s| s["holder"].is_null())
+        .await
+        .context("the grant of the cancelled acquire was never released")?;
     assert!(lease.is_alive());
     let again = client.lock("abandoned").lease(&lease).try_acquire().await?;
     assert!(again.is_held());

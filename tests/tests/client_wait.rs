@@ -63,9 +63,9 @@ async fn unlimited_waits_keep_their_place_in_line() -> Result<()> {
         })
     };
     let first = waiter("first");
-    wait_for_waiters(&api, "line", 1).await?;
+    api.wait_for_waiters("line", 1).await?;
     let second = waiter("second");
-    wait_for_waiters(&api, "line", 2).await?;
+    api.wait_for_waiters("line", 2).await?;
     // Three server waits long: both re-ask (chained) several times meanwhile.
     let queued = Instant::now();
     while queued.elapsed() < Duration::from_secs(6) {
@@ -82,16 +82,4 @@ async fn unlimited_waits_keep_their_place_in_line() -> Result<()> {
     assert!(a.1 < b.1, "tokens out of order: {a:?} {b:?}");
     assert!(a.2 <= b.2, "the second waiter was granted first");
     Ok(())
-}
-
-async fn wait_for_waiters(api: &Api, name: &str, n: u64) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, status) = api.get(&format!("/v1/locks/{name}")).await?;
-        if status["waiters"] == n {
-            return Ok(());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "never {n} waiters: {status}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
