@@ -375,6 +375,12 @@ impl Lease {
         self.keeper.watch()
     }
 
+    /// Waits until no acquire, release or clean-up of lock `name` under this lease is under way
+    /// in this process (the clean-up of a cancelled acquire runs in the background).
+    pub(crate) async fn settled(&self, name: &str) {
+        drop(self.slots.take(name).await);
+    }
+
     /// Stops the background keep-alive but keeps the timer (a lock guard renews instead).
     pub(crate) fn pause_keepalive(&mut self) {
         self.keeper.pause();

@@ -294,3 +294,39 @@ async fn interactive_cmd_gets_the_terminal_and_ctrl_c() -> Result<()> {
     assert!(lock["holder"].is_null(), "not released: {lock}");
     Ok(())
 }
+
+/// Ctrl-C (SIGINT) while waiting in line gives up the wait: exit 130, nothing left queued, and a
+/// lease given with `--lease` is left alive for its owner.
+#[tokio::test]
+async fn interrupt_while_waiting_leaves_nothing_queued() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = TestServer::start(&etcd).await?;
+    let api = Api::new(server.url());
+    let (status, held) = api.acquire_ttl("queue", "30s", "0s").await?;
+    assert_eq!(status, 200, "{held}");
+    let granted = cli(&server.url())
+        .args(["--output", "json", "lease", "grant", "--ttl", "10s"])
+        .output()
+        .await?;
+    let granted: serde_json::Value = serde_json::from_slice(&granted.stdout)?;
+    let (id, handle) = (
+        granted["lease_id"].as_str().context("lease_id")?,
+        granted["handle"].as_str().context("handle")?,
+    );
+    let waiting = cli(&server.url())
+        .args(["lock", "--lease", id, "queue", "--", "true"])
+        .env("LEASEHOLD_HANDLE", handle)
+        .stderr(Stdio::piped())
+        .spawn()?;
+    api.wait_for_waiters("queue", 1).await?;
+    kill(
+        Pid::from_raw(waiting.id().context("running")? as i32),
+        Signal::SIGINT,
+    )?;
+    let output = finish(waiting, Duration::from_secs(5)).await?;
+    assert_eq!(output.status.code(), Some(130), "{output:?}");
+    api.wait_for_waiters("queue", 0).await?;
+    let (status, lease) = api.get(&format!("/v1/leases/{id}")).await?;
+    assert_eq!(status, 200, "the caller's lease was revoked: {lease}");
+    Ok(())
+}

@@ -48,7 +48,7 @@ Examples:
 /// The largest default `--kill-grace`.
 const MAX_DEFAULT_GRACE: Duration = Duration::from_secs(1);
 
-/// How long the clean-up after a lost hold may take: the servers are likely unreachable.
+/// How long the clean-up after a lost hold, or after a wait cut short, may take.
 const CLEANUP_AFTER_LOSS: Duration = Duration::from_secs(1);
 
 /// Runs `leasehold lock`; returns the exit code.
@@ -127,6 +127,9 @@ pub(super) async fn run(builder: ClientBuilder, args: LockArgs, out: &Out) -> u8
                 &format!("{signal} while waiting for lock {:?}; gave up", args.name),
                 json!({"event": "interrupted", "name": args.name, "signal": signal.as_str()}),
             );
+            // Had the server granted the cancelled acquire, that grant is being released in the
+            // background (the caller's lease would keep it for nobody): let that finish.
+            let _ = tokio::time::timeout(CLEANUP_AFTER_LOSS, lease.settled(&args.name)).await;
             let _ = end_lease(lease, ours, None).await;
             return 128u8.saturating_add(signal as u8);
         }
