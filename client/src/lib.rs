@@ -3,13 +3,15 @@
 //! the lock that the hold is gone.
 //!
 //! # Layout
-//! - `client`: [`Client`], its builder, the retry policy and endpoint fail-over.
+//! - `client`: [`Client`], its builder, endpoint fail-over and per-attempt timeouts.
+//! - `retry`: [`RetryPolicy`] (backoff with full jitter), [`RetryBudget`], `Retry-After` pacing.
 //! - `lock`: [`LockBuilder`] (acquire), [`LockGuard`] (renews, releases), [`LockStatus`].
 //! - `lease`: [`Lease`]: a TTL lease kept alive in the background, shareable by several locks.
 //! - `hold`: the client-side lease timer and renewal loop behind guards and leases.
 //! - `token`: [`FencingToken`].
 //! - `error`: [`Error`], mapped from the server's stable error codes.
 //! - `trace`: the W3C `traceparent` sent with each request (feature `otel`).
+//! - [`blocking`]: the same API for programs without an async runtime.
 //! - `cli`: the `leasehold` command line (feature `cli`, on by default).
 //!
 //! # Usage
@@ -34,6 +36,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod blocking;
 #[cfg(feature = "cli")]
 pub mod cli;
 mod client;
@@ -41,12 +44,14 @@ mod error;
 mod hold;
 mod lease;
 mod lock;
+mod retry;
 mod token;
 mod trace;
 
-pub use client::{Client, ClientBuilder, RetryPolicy};
+pub use client::{Client, ClientBuilder};
 pub use error::Error;
 pub use hold::LostReason;
 pub use lease::{Handle, Lease, LeaseId, LeaseInfo};
 pub use lock::{DEFAULT_TTL, Holder, LockBuilder, LockGuard, LockStatus};
+pub use retry::{RetryBudget, RetryPolicy};
 pub use token::FencingToken;

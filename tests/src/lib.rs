@@ -51,6 +51,19 @@ macro_rules! server_bin {
     };
 }
 
+/// The path of the `leasehold` CLI under test (`test-leasehold-cli`, a binary of this crate that
+/// runs `leasehold::cli::main`), or `LEASEHOLD_CLI_BIN` if set: run a suite against another
+/// build (e.g. the previous one, to see a regression test fail). Only usable from this crate's
+/// integration tests.
+#[macro_export]
+macro_rules! cli_bin {
+    () => {
+        std::env::var_os("LEASEHOLD_CLI_BIN")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_test-leasehold-cli")))
+    };
+}
+
 /// Installs a test log subscriber once (`RUST_LOG` filters; off by default).
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
@@ -615,17 +628,6 @@ impl ServerProcess {
         self.child.as_ref().and_then(|c| c.id())
     }
 
-    /// Resident memory now (`VmRSS`), in KiB.
-    pub fn rss_kib(&self) -> Result<u64> {
-        let pid = self.pid().context("not running")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmRSS in /proc/PID/status")
-    }
-
     /// Peak resident memory so far (`VmHWM`), in KiB.
     pub fn peak_rss_kib(&self) -> Result<u64> {
         self.status_kib("VmHWM:")
@@ -652,6 +654,17 @@ impl ServerProcess {
             child.kill().await?;
         }
         Ok(())
+    }
+
+    /// `SIGSTOP`: the process keeps its socket (the kernel still accepts connections) but
+    /// answers nothing, as a hung replica does.
+    pub fn pause(&self) -> Result<()> {
+        signal(self.child.as_ref().context("not running")?, Signal::SIGSTOP)
+    }
+
+    /// `SIGCONT` after [`ServerProcess::pause`].
+    pub fn resume(&self) -> Result<()> {
+        signal(self.child.as_ref().context("not running")?, Signal::SIGCONT)
     }
 
     /// `SIGTERM`, then waits for the exit status.
@@ -938,6 +951,40 @@ impl Api {
             serde_json::json!({"ttl": ttl, "wait": wait}),
         )
         .await
+    }
+
+    /// Waits (up to 10 s) until lock `name` has a holder; returns the holder's lease id.
+    pub async fn wait_for_holder(&self, name: &str) -> Result<String> {
+        let status = self
+            .wait_for_lock(name, |s| s["holder"]["lease_id"].is_string())
+            .await?;
+        Ok(status["holder"]["lease_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    /// Waits (up to 10 s) until `n` waiters queue behind the holder of lock `name`.
+    pub async fn wait_for_waiters(&self, name: &str, n: u64) -> Result<()> {
+        self.wait_for_lock(name, |s| s["waiters"] == n)
+            .await
+            .map(drop)
+    }
+
+    /// Polls lock `name`'s status (every 20 ms, up to 10 s) until `done` says so; returns it.
+    pub async fn wait_for_lock(&self, name: &str, done: impl Fn(&Value) -> bool) -> Result<Value> {
+        let path = format!("/v1/locks/{}", encode(name));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, status) = self.get(&path).await?;
+            if done(&status) {
+                return Ok(status);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("lock {name:?} never reached the expected state: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Grants a lease; returns its id.
