@@ -40,6 +40,13 @@
 //! guard.release().await?;
 //! # Ok(()) }
 //! ```
+//!
+//! Beyond the mutex, with the same guards, renewal and fencing: [`LockBuilder::limit`]
+//! (a semaphore), [`LockBuilder::shared`] / [`LockBuilder::exclusive`] (a read-write lock),
+//! [`Client::lock_group`] (several locks, all or none), [`Client::election`] (campaign, leader,
+//! observe), [`Client::watch`] (a resumable stream of a lock's status),
+//! [`LockBuilder::on_position`] (your place in line while you wait), and `run_while_held` on
+//! every guard (work cancelled when the hold is lost).
 #![warn(missing_docs)]
 
 mod acquire;

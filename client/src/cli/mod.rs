@@ -175,10 +175,10 @@ pub struct LockArgs {
     pub limit: Option<u32>,
     /// A read-write lock, as a reader: readers hold together; a writer (--exclusive) waits for
     /// the readers ahead and blocks the readers behind.
-    #[arg(long, conflicts_with = "exclusive")]
+    #[arg(short = 's', long, conflicts_with = "exclusive")]
     pub shared: bool,
     /// A read-write lock, as a writer: holds alone (see --shared).
-    #[arg(long)]
+    #[arg(short = 'x', long)]
     pub exclusive: bool,
     /// How to wait, hold and run CMD.
     #[command(flatten)]
@@ -824,6 +824,12 @@ mod tests {
         );
         assert!(parse(&["lock", "-n", "2", "--shared", "enc", "./run"]).is_err());
         assert!(parse(&["lock", "--shared", "--exclusive", "enc", "./run"]).is_err());
+        let parsed = lock_args(&["lock", "-s", "enc", "./run"]);
+        assert!(parsed.shared && !parsed.exclusive);
+        let parsed = lock_args(&["lock", "-x", "--nb", "enc", "./run"]);
+        assert!(parsed.exclusive && parsed.run.no_wait);
+        // -n 2 is a limit whatever comes before it, and a limit is not a writer.
+        assert!(parse(&["lock", "-x", "-n", "2", "enc", "./run"]).is_err());
         // Other commands are left alone.
         assert!(parse(&["status", "-n"]).is_err());
         match parse(&["elect", "-n", "e", "./run"])
