@@ -430,3 +430,53 @@ async fn watches_resume_after_a_cut_without_missing_a_change() -> Result<()> {
     ensure!(watched.revision().is_some());
     Ok(())
 }
+
+/// Every kind of hold is renewed in the background past its TTL: a semaphore's second holder, a
+/// reader, a group (renewed through one name) and a leadership (renewed as its lock) all still
+/// hold, with the same tokens, two TTLs later.
+#[tokio::test]
+async fn every_kind_of_hold_renews_past_its_ttl() -> Result<()> {
+    leasehold_tests::init_logging();
+    let etcd = EtcdCluster::start(1).await?;
+    let server = TestServer::start(&etcd).await?;
+    let client = Client::new(server.url())?;
+    const SHORT: Duration = Duration::from_secs(2);
+
+    let _first = client.lock("r/sem").limit(2).ttl(SHORT).acquire().await?;
+    let second = client.lock("r/sem").limit(2).ttl(SHORT).acquire().await?;
+    let reader = client.lock("r/rw").shared().ttl(SHORT).acquire().await?;
+    let group = client
+        .lock_group(["r/g1", "r/g2"])
+        .ttl(SHORT)
+        .acquire()
+        .await?;
+    let leader = client.election("r/e").ttl(SHORT).campaign("me").await?;
+    // Time passing is the point here: two TTLs, so only renewals can keep the holds.
+    tokio::time::sleep(2 * SHORT).await;
+    ensure!(second.is_held() && reader.is_held() && group.is_held() && leader.is_held());
+    let held = |status: &LockStatus, lease, token| {
+        status
+            .queue
+            .iter()
+            .any(|e| &e.lease_id == lease && e.token == token && e.holds)
+    };
+    ensure!(held(
+        &client.status("r/sem").await?,
+        second.lease_id(),
+        second.token()
+    ));
+    ensure!(held(
+        &client.status("r/rw").await?,
+        reader.lease_id(),
+        reader.token()
+    ));
+    for name in ["r/g1", "r/g2"] {
+        ensure!(
+            held(&client.status(name).await?, group.lease_id(), group.token()),
+            "{name}"
+        );
+    }
+    let shown = client.election("r/e").leader().await?.context("a leader")?;
+    ensure!(shown.epoch == leader.epoch());
+    Ok(())
+}
