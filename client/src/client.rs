@@ -280,6 +280,11 @@ impl Client {
         let mut cursor = inner.preferred.load(Ordering::Relaxed);
         let (mut round, mut tried_in_round) = (0u32, 0usize);
         let mut last_error = None;
+        // Whether the last attempt failed before its request left this client (connection
+        // refused, TLS handshake failed): its retry costs no server any work, so, like gRPC's
+        // transparent retries, it spends no budget. A fleet of callers whose replica was just
+        // killed must all be able to move to another one.
+        let mut last_never_sent = false;
         for i in 0..attempts {
             let (index, not_before) = inner.pacing.pick(cursor);
             cursor = index + 1;
@@ -301,7 +306,7 @@ impl Client {
                 tracing::debug!(%path, "no time left for another attempt before the deadline");
                 break;
             }
-            if i > 0 && !inner.budget.try_withdraw() {
+            if i > 0 && !last_never_sent && !inner.budget.try_withdraw() {
                 tracing::info!(%path, "retry budget spent: not retrying");
                 break;
             }
@@ -330,6 +335,7 @@ impl Client {
             }
             request = self.authorize(request);
             let sent = Instant::now();
+            let mut never_sent = false;
             let outcome = async {
                 let response = request.send().await?;
                 let status = response.status().as_u16();
@@ -366,19 +372,23 @@ impl Client {
                 // reset mid-answer that may have acted: lease grants carry the client's handle
                 // (a resend finds the same lease), acquires resume the same waiter, and the
                 // server fences releases against later re-acquires.
-                Err(err) => Error::Transport {
-                    endpoint: endpoint.clone(),
-                    message: if err.is_timeout() {
-                        format!(
-                            "timed out after {}",
-                            humantime::format_duration(round_ms(sent.elapsed()))
-                        )
-                    } else {
-                        describe(&err)
-                    },
-                    source: Box::new(err),
-                },
+                Err(err) => {
+                    never_sent = err.is_connect();
+                    Error::Transport {
+                        endpoint: endpoint.clone(),
+                        message: if err.is_timeout() {
+                            format!(
+                                "timed out after {}",
+                                humantime::format_duration(round_ms(sent.elapsed()))
+                            )
+                        } else {
+                            describe(&err)
+                        },
+                        source: Box::new(err),
+                    }
+                }
             };
+            last_never_sent = never_sent;
             tracing::info!(%endpoint, %path, error = %error, "attempt failed");
             last_error = Some(error);
         }

@@ -10,7 +10,9 @@
 //! of the client, and the wait gets a jitter on top so that clients told the same delay do not come
 //! back together. Every attempt after a request's first spends one token of a [`RetryBudget`]
 //! (Finagle's retry budgets, gRPC's retry throttling): retries stay a bounded fraction of requests
-//! however long an outage lasts.
+//! however long an outage lasts. The one exception is a retry after a connection that failed
+//! before the request left the client (refused, TLS handshake failed): it costs no server any
+//! work, so, like gRPC's transparent retries, it is free; a killed replica's callers all move on.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,7 +24,8 @@ use tokio::time::Instant;
 /// A request moves to the next endpoint after a connection error, a timeout, a `503` or an
 /// overload `429`; after a full round over the endpoints it pauses a random time in
 /// `[0, min(max_backoff, backoff × 2^(round - 1))]` (exponential backoff with full jitter). Each
-/// attempt after the first also needs a token of the client's [`RetryBudget`].
+/// attempt after the first also needs a token of the client's [`RetryBudget`], unless the one
+/// before it could not connect at all.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     /// Attempts in all, across endpoints (raised to the number of endpoints, so every endpoint

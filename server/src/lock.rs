@@ -117,7 +117,7 @@ pub struct LockStatus {
     pub waiters: u64,
     /// The semaphore limit (1 for a mutex); `None` for a read-write lock or a free lock.
     pub limit: Option<u32>,
-    /// The queue in order, holders first, at most [`STATUS_LIST_MAX`] entries.
+    /// The queue in order, holders first, at most 1,000 entries.
     pub queue: Vec<QueueEntry>,
 }
 

@@ -219,7 +219,7 @@ impl Store {
 
     /// Runs one etcd call, bounded by the request timeout, with its error classified, inside an
     /// `etcd` span, and timed into `leasehold_etcd_request_duration_seconds{op}`.
-    async fn call<T, F>(
+    async fn call<T, F, Fut>(
         &self,
         at: usize,
         op: &'static str,
@@ -228,7 +228,8 @@ impl Store {
     ) -> Result<T, StoreError>
     where
         T: AtRevision,
-        F: Future<Output = Result<T, etcd_client::Error>>,
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let span = tracing::info_span!(
             "etcd",
@@ -248,9 +249,9 @@ impl Store {
         let started = Instant::now();
         // Boxed: etcd-client's futures are tens of KiB, and every future awaiting this one would
         // otherwise carry that inline. A queued acquire then costs ~165 KiB instead of a few KiB.
-        // Callers pass an `async move` block, so that future only comes into being here, once
-        // admitted: a call queued under the admission limit holds just its arguments.
-        let call = Box::pin(call.instrument(span));
+        // The call is made (and its client cloned) only here, once admitted: a call queued under
+        // the admission limit holds just its arguments.
+        let call = Box::pin(call(self.endpoints[at].client.clone()).instrument(span));
         let result = match tokio::time::timeout(self.request_timeout, call).await {
             Ok(result) => result.map_err(StoreError::from),
             Err(_) => Err(StoreError::Unavailable(format!(
@@ -280,9 +281,11 @@ impl Store {
 
     /// A transaction; `target` names the key or prefix it is about, for traces.
     pub async fn txn(&self, target: &str, txn: Txn) -> Result<TxnResponse, StoreError> {
-        let (at, mut client) = self.pick_client();
-        self.call(at, "txn", target, async move { client.txn(txn).await })
-            .await
+        let at = self.pick();
+        self.call(at, "txn", target, move |mut client| async move {
+            client.txn(txn).await
+        })
+        .await
     }
 
     /// A range read.
@@ -291,14 +294,11 @@ impl Store {
         key: &str,
         options: Option<GetOptions>,
     ) -> Result<GetResponse, StoreError> {
-        let (at, mut client) = self.pick_client();
+        let at = self.pick();
         let owned = key.to_owned();
-        self.call(
-            at,
-            "get",
-            key,
-            async move { client.get(owned, options).await },
-        )
+        self.call(at, "get", key, move |mut client| async move {
+            client.get(owned, options).await
+        })
         .await
     }
 
@@ -309,9 +309,9 @@ impl Store {
         value: Vec<u8>,
         options: Option<PutOptions>,
     ) -> Result<(), StoreError> {
-        let (at, mut client) = self.pick_client();
+        let at = self.pick();
         let owned = key.to_owned();
-        self.call(at, "put", key, async move {
+        self.call(at, "put", key, move |mut client| async move {
             client.put(owned, value, options).await
         })
         .await
@@ -325,11 +325,14 @@ impl Store {
         id: LeaseId,
         ttl_secs: i64,
     ) -> Result<LeaseGrantResponse, StoreError> {
-        let (at, mut client) = self.pick_client();
+        let at = self.pick();
         let options = etcd_client::LeaseGrantOptions::new().with_id(id.as_i64());
-        self.call(at, "lease_grant", &id.to_string(), async move {
-            client.lease_grant(ttl_secs, Some(options)).await
-        })
+        self.call(
+            at,
+            "lease_grant",
+            &id.to_string(),
+            move |mut client| async move { client.lease_grant(ttl_secs, Some(options)).await },
+        )
         .await
     }
 
@@ -355,10 +358,13 @@ impl Store {
 
     /// Revokes a lease and, with it, every key attached to it.
     pub async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let (at, mut client) = self.pick_client();
-        self.call(at, "lease_revoke", &lease.to_string(), async move {
-            client.lease_revoke(lease.as_i64()).await
-        })
+        let at = self.pick();
+        self.call(
+            at,
+            "lease_revoke",
+            &lease.to_string(),
+            move |mut client| async move { client.lease_revoke(lease.as_i64()).await },
+        )
         .await
         .map(drop)
     }
@@ -366,10 +372,13 @@ impl Store {
     /// Refreshes a lease once. etcd-client sends one keep-alive and waits for its answer; a TTL
     /// of 0 (lease gone) comes back as `LeaseNotFound`.
     pub async fn lease_keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let (at, mut client) = self.pick_client();
-        self.call(at, "lease_keepalive", &lease.to_string(), async move {
-            client.lease_keep_alive(lease.as_i64()).await
-        })
+        let at = self.pick();
+        self.call(
+            at,
+            "lease_keepalive",
+            &lease.to_string(),
+            move |mut client| async move { client.lease_keep_alive(lease.as_i64()).await },
+        )
         .await
         .map(drop)
     }
@@ -380,9 +389,9 @@ impl Store {
         lease: LeaseId,
         with_keys: bool,
     ) -> Result<LeaseTimeToLiveResponse, StoreError> {
-        let (at, mut client) = self.pick_client();
+        let at = self.pick();
         let options = with_keys.then(|| LeaseTimeToLiveOptions::new().with_keys());
-        self.call(at, "lease_ttl", &lease.to_string(), async move {
+        self.call(at, "lease_ttl", &lease.to_string(), move |mut client| async move {
             client.lease_time_to_live(lease.as_i64(), options).await
         })
         .await

@@ -202,6 +202,55 @@ async fn retry_budget_bounds_retries() -> Result<()> {
     Ok(())
 }
 
+/// A refused connection never reached a server, so moving on to the next endpoint spends no
+/// retry budget: many callers whose replica was just killed all fail over, even with an empty
+/// budget (the demo's 200 buyers sharing one client, after a `kill -9`). A `503` retry still
+/// needs a token, so the budget is really empty here.
+#[tokio::test]
+async fn refused_connections_fail_over_without_spending_the_budget() -> Result<()> {
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        format!("http://{}", listener.local_addr()?)
+    };
+    let live = Stub::start(Arc::new(|_| (200, None, STATUS))).await?;
+    let empty = || RetryBudget::new(0.0, 0.0, 1.0);
+    let budget = empty();
+    assert!(budget.balance() >= 1.0);
+    // Spend the one saved token on a shed request, so the budget is empty.
+    let shedding = Stub::start(Arc::new(|_| (503, None, OVERLOADED))).await?;
+    let spender = Client::builder()
+        .endpoint(&shedding.url)
+        .retry_policy(RetryPolicy {
+            max_attempts: 4,
+            backoff: Duration::ZERO,
+            max_backoff: Duration::ZERO,
+        })
+        .retry_budget(budget.clone())
+        .build()?;
+    spender.status("x").await.unwrap_err();
+    assert_eq!(
+        shedding.arrivals().len(),
+        2,
+        "one try and one budgeted retry"
+    );
+    assert!(budget.balance() < 1.0, "the budget is spent");
+
+    for _ in 0..50 {
+        // A new client each time, so none has learnt to prefer the live endpoint.
+        let client = Client::builder()
+            .endpoint(&dead)
+            .endpoint(&live.url)
+            .retry_budget(budget.clone())
+            .build()?;
+        client
+            .status("x")
+            .await
+            .context("failing over from a refused connection")?;
+    }
+    assert_eq!(live.arrivals().len(), 50);
+    Ok(())
+}
+
 /// Between rounds over the endpoints the client pauses a random time up to the backoff ("full
 /// jitter"): spread over the whole range, so clients that failed together do not retry together.
 #[tokio::test]

@@ -222,7 +222,7 @@ impl Fields<'_> {
     }
 
     /// The lock kind an acquire asks for: `limit` (a semaphore of that many holders, 1 to
-    /// [`crate::queue::MAX_LIMIT`]) or `mode` (`"shared"` or `"exclusive"`: a read-write lock),
+    /// 10,000) or `mode` (`"shared"` or `"exclusive"`: a read-write lock),
     /// not both; neither: a mutex.
     pub fn kind(&self) -> Result<crate::Kind, ApiError> {
         let limit = match self.get("limit") {
