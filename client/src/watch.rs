@@ -40,10 +40,13 @@ pub(crate) type Decode<T> = Box<dyn FnMut(&str, &str) -> Option<Result<T, Error>
 /// - [`Error::is_retryable`] (no server could be reached, every one answered 503): the watch
 ///   keeps trying, with backoff, and resumes where it left off; the error says why nothing
 ///   comes. Skip it or stop, as you prefer.
+/// - [`Error::Unexpected`] for one event this client could not decode (a newer server): that
+///   event is skipped and the watch goes on.
 /// - anything else (a bad name, no permission): the watch ends after it.
 ///
 /// A watch runs in a task of its own on the Tokio runtime, so it must be made inside one; the
-/// task ends when the `Watch` is dropped. It reads at most one item ahead of you.
+/// task ends when the `Watch` is dropped. It buffers at most two items ahead of you; a server
+/// cuts a reader that falls far behind, and the watch then resumes where it left off.
 #[derive(Debug)]
 pub struct Watch<T> {
     rx: mpsc::Receiver<Result<(i64, T), Error>>,
