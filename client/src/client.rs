@@ -280,6 +280,7 @@ impl Client {
         let mut cursor = inner.preferred.load(Ordering::Relaxed);
         let (mut round, mut tried_in_round) = (0u32, 0usize);
         let mut last_error = None;
+        let mut last_error_refused = false;
         // Whether the last attempt failed before its request left this client (connection
         // refused, TLS handshake failed): its retry costs no server any work, so, like gRPC's
         // transparent retries, it spends no budget. A fleet of callers whose replica was just
@@ -347,6 +348,9 @@ impl Client {
                 Ok::<_, reqwest::Error>((status, retry_after, response.bytes().await?))
             }
             .await;
+            if outcome.is_ok() {
+                inner.pacing.answered(index);
+            }
             let error = match outcome {
                 Ok((status, _, bytes)) if (200..300).contains(&status) => {
                     inner.preferred.store(index, Ordering::Relaxed);
@@ -374,6 +378,12 @@ impl Client {
                 // server fences releases against later re-acquires.
                 Err(err) => {
                     never_sent = err.is_connect();
+                    if never_sent {
+                        // Nothing listens there (a killed replica): the next attempts go to the
+                        // others, even to one that asked for a pause, rather than back to a port
+                        // that refuses at once.
+                        inner.pacing.refused(index);
+                    }
                     Error::Transport {
                         endpoint: endpoint.clone(),
                         message: if err.is_timeout() {
@@ -390,7 +400,12 @@ impl Client {
             };
             last_never_sent = never_sent;
             tracing::info!(%endpoint, %path, error = %error, "attempt failed");
-            last_error = Some(error);
+            // What a server answered (overloaded, etcd unavailable) says more than a refused
+            // connection to another: it is the error reported if no attempt succeeds.
+            if !(never_sent && last_error.is_some() && !last_error_refused) {
+                last_error = Some(error);
+                last_error_refused = never_sent;
+            }
         }
         Err(last_error.unwrap_or_else(|| Error::Transport {
             endpoint: inner.endpoints[cursor % n].clone(),

@@ -7,8 +7,14 @@ use std::process::Command;
 use anyhow::{Context, Result};
 use leasehold_tests::{EtcdCluster, TestServer};
 
+/// The event-stream operations, which schemathesis tests in a run of their own: it reads an
+/// endless stream until its request timeout, so they get a short timeout and fewer cases, and
+/// no stateful phase (nothing links from a stream's answer).
+const STREAMS: &str = "/watch$|/observe$|^/v1/events$";
+
 /// No request makes the server answer a 5xx (etcd is up, so not even 503), and every response
-/// matches the OpenAPI document: status codes, content types, and body schemas.
+/// matches the OpenAPI document: status codes, content types, body schemas, and each event of
+/// a stream (its `data` against the document's `contentSchema`).
 ///
 /// One check is left out: `positive_data_acceptance` (ST202, "schema-valid request rejected").
 /// JSON Schema cannot say everything the server checks (names are at most 256 *bytes*, TTLs are
@@ -22,57 +28,119 @@ async fn openapi_fuzzing_finds_no_server_error() -> Result<()> {
     let etcd = EtcdCluster::start(1).await?;
     let server = TestServer::start(&etcd).await?;
     let schema = format!("{}/openapi.json", server.url());
-    let schema_url = schema.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(schemathesis)
-            .args(["run", &schema])
-            .args(["--max-examples", "50", "--generation-deterministic"])
-            .args(["--exclude-checks", "positive_data_acceptance"])
-            .args(["--request-timeout", "10"])
-            .env("NO_COLOR", "1")
-            .output()
-    })
-    .await??;
+    let requests_and_answers = run(
+        &schemathesis,
+        &schema,
+        &["--exclude-path-regex", STREAMS],
+        &["--max-examples", "50", "--request-timeout", "10"],
+    );
+    let streams = run(
+        &schemathesis,
+        &schema,
+        &["--include-path-regex", STREAMS],
+        &[
+            "--max-examples",
+            "10",
+            "--request-timeout",
+            "1",
+            "--phases",
+            "examples,coverage,fuzzing",
+        ],
+    );
+    // Concurrently: the stream run mostly waits for its streams to time out. (Its examples
+    // phase finds no documented examples to run, so it is not required to pass.)
+    let (requests_and_answers, streams) = tokio::try_join!(requests_and_answers, streams)?;
+    let (requests_and_answers, streams) = (requests_and_answers?, streams?);
+
+    // It really ran: every operation of the document was tested, in every phase, with many
+    // generated cases, all of which passed.
+    let document: serde_json::Value = reqwest::get(&schema).await?.json().await?;
+    let (mut plain, mut streaming) = (0, 0);
+    // Schemathesis leaves out the operation that serves the document it tests.
+    for (path, item) in document["paths"].as_object().context("paths")? {
+        if path == "/openapi.json" {
+            continue;
+        }
+        let methods = item.as_object().map_or(0, |methods| {
+            methods
+                .keys()
+                .filter(|m| {
+                    ["get", "put", "post", "delete", "patch", "head", "options"]
+                        .contains(&m.as_str())
+                })
+                .count()
+        });
+        // What STREAMS matches.
+        if path.ends_with("/watch") || path.ends_with("/observe") || path == "/v1/events" {
+            streaming += methods;
+        } else {
+            plain += methods;
+        }
+    }
+    anyhow::ensure!(
+        streaming == 3,
+        "{streaming} stream operations: update STREAMS"
+    );
+    let checked = check_report(
+        &requests_and_answers,
+        plain,
+        plain + streaming,
+        &ALL_PHASES,
+        25,
+    )
+    .with_context(|| {
+        format!("schemathesis did not test what it should:\n{requests_and_answers}")
+    })?;
+    let checked_streams =
+        check_report(&streams, streaming, plain + streaming, &ALL_PHASES[1..3], 5).with_context(
+            || format!("schemathesis did not test the streams as it should:\n{streams}"),
+        )?;
+    println!("fuzz_openapi: {checked}; streams: {checked_streams}");
+    Ok(())
+}
+
+const ALL_PHASES: [&str; 4] = ["Examples", "Coverage", "Fuzzing", "Stateful"];
+
+/// Runs schemathesis on `operations` (a filter) with `settings`; its report if it found
+/// nothing, else an error holding the report.
+async fn run(
+    bin: &str,
+    schema: &str,
+    operations: &[&str],
+    settings: &[&str],
+) -> Result<Result<String>> {
+    let mut command = Command::new(bin);
+    command
+        .args(["run", schema])
+        .args(operations)
+        .args(settings)
+        .args(["--generation-deterministic"])
+        .args(["--exclude-checks", "positive_data_acceptance"])
+        .env("NO_COLOR", "1");
+    let output = tokio::task::spawn_blocking(move || command.output()).await??;
     let report = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
     println!("{report}");
-    anyhow::ensure!(
-        output.status.success(),
-        "schemathesis found failures:\n{report}"
-    );
-    // It really ran: every operation of the document was tested, in every phase, with many
-    // generated cases, all of which passed.
-    let document: serde_json::Value = reqwest::get(&schema_url).await?.json().await?;
-    // Schemathesis leaves out the operation that serves the document it tests.
-    let operations = document["paths"]
-        .as_object()
-        .context("paths")?
-        .iter()
-        .filter(|(path, _)| path.as_str() != "/openapi.json")
-        .map(|(_, item)| {
-            item.as_object().map_or(0, |methods| {
-                methods
-                    .keys()
-                    .filter(|m| {
-                        ["get", "put", "post", "delete", "patch", "head", "options"]
-                            .contains(&m.as_str())
-                    })
-                    .count()
-            })
-        })
-        .sum::<usize>();
-    let checked = check_report(&report, operations)
-        .with_context(|| format!("schemathesis did not test what it should:\n{report}"))?;
-    println!("fuzz_openapi: {checked}");
-    Ok(())
+    Ok(if output.status.success() {
+        Ok(report)
+    } else {
+        Err(anyhow::anyhow!("schemathesis found failures:\n{report}"))
+    })
 }
 
-/// What a schemathesis report must show for `operations` operations: all selected and tested,
-/// the four phases run and passed, at least 25 generated cases per operation, all passed.
-fn check_report(report: &str, operations: usize) -> Result<String> {
+/// What a schemathesis report must show for `operations` operations (of `of_total` in the
+/// document, the others left to another run): all selected and tested,
+/// `phases` run and passed, at least `per_operation` generated cases per operation, all passed.
+fn check_report(
+    report: &str,
+    operations: usize,
+    of_total: usize,
+    phases: &[&str],
+    per_operation: usize,
+) -> Result<String> {
     let after = |label: &str| -> Result<&str> {
         let at = report
             .find(label)
@@ -84,8 +152,8 @@ fn check_report(report: &str, operations: usize) -> Result<String> {
         .next()
         .context("Selected")?;
     anyhow::ensure!(
-        selected == format!("{operations}/{operations}"),
-        "selected {selected}, the document has {operations} operations"
+        selected == format!("{operations}/{of_total}"),
+        "selected {selected}, expected {operations} of the document's {of_total} operations"
     );
     let tested: usize = after("Tested:")?
         .split_whitespace()
@@ -96,11 +164,10 @@ fn check_report(report: &str, operations: usize) -> Result<String> {
         tested == operations,
         "tested {tested} of {operations} operations"
     );
-    let phases = after("Test Phases:")?;
-    for phase in ["Examples", "Coverage", "Fuzzing", "Stateful"] {
+    let run = after("Test Phases:")?;
+    for phase in phases {
         anyhow::ensure!(
-            phases
-                .lines()
+            run.lines()
                 .take(4)
                 .any(|l| l.trim() == format!("\u{2705} {phase}")),
             "phase {phase} did not run and pass"
@@ -120,18 +187,19 @@ fn check_report(report: &str, operations: usize) -> Result<String> {
         "not every case passed: {cases}"
     );
     anyhow::ensure!(
-        generated >= 25 * operations,
+        generated >= per_operation * operations,
         "only {generated} cases for {operations} operations"
     );
     Ok(format!(
-        "{tested} of {operations} operations tested in 4 phases, {generated} cases, all passed"
+        "{tested} of {operations} operations tested in {} phases, {generated} cases, all passed",
+        phases.len()
     ))
 }
 
 #[test]
 fn a_report_that_tested_too_little_is_refused() {
     let good = "API Operations:\n  Selected: 11/11\n  Tested: 11\n\nTest Phases:\n  \u{2705} Examples\n  \u{2705} Coverage\n  \u{2705} Fuzzing\n  \u{2705} Stateful\n\nTest cases:\n  898 generated, 898 passed\n";
-    assert!(check_report(good, 11).is_ok());
+    assert!(check_report(good, 11, 11, &ALL_PHASES, 25).is_ok());
     for (bad, why) in [
         (
             good.replace("Tested: 11", "Tested: 5"),
@@ -155,10 +223,13 @@ fn a_report_that_tested_too_little_is_refused() {
         ),
         (good.replace("Test cases:", "Cases:"), "no count"),
     ] {
-        assert!(check_report(&bad, 11).is_err(), "{why}");
+        assert!(
+            check_report(&bad, 11, 11, &ALL_PHASES, 25).is_err(),
+            "{why}"
+        );
     }
     // A document with more operations than were tested.
-    assert!(check_report(good, 12).is_err());
+    assert!(check_report(good, 12, 12, &ALL_PHASES, 25).is_err());
 }
 
 /// `LEASEHOLD_SCHEMATHESIS`, else `schemathesis` on `PATH`. Missing is a failure (scripts/test

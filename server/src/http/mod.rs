@@ -61,7 +61,7 @@ pub struct AppState {
 struct ApiDoc;
 
 /// The router and the OpenAPI document generated from the same route list.
-pub fn router_and_openapi(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
+pub fn router_and_openapi(state: AppState) -> (Router, serde_json::Value) {
     // Install the recorder now: metrics recorded before it exists are lost.
     metrics::handle();
     let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
@@ -93,6 +93,8 @@ pub fn router_and_openapi(state: AppState) -> (Router, utoipa::openapi::OpenApi)
         .routes(routes!(openapi_json))
         .routes(routes!(prometheus_metrics))
         .split_for_parts();
+    let mut openapi = serde_json::to_value(&openapi).expect("the OpenAPI document is JSON");
+    streams::describe_event_streams(&mut openapi);
     let document = Arc::new(openapi.clone());
     let router = router
         .fallback(not_found)
@@ -246,7 +248,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<StatusBody>)
 #[utoipa::path(get, path = "/openapi.json", tag = "service",
     responses((status = 200, description = "OpenAPI 3 document")))]
 async fn openapi_json(
-    axum::Extension(document): axum::Extension<Arc<utoipa::openapi::OpenApi>>,
-) -> Json<utoipa::openapi::OpenApi> {
+    axum::Extension(document): axum::Extension<Arc<serde_json::Value>>,
+) -> Json<serde_json::Value> {
     Json((*document).clone())
 }
