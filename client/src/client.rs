@@ -1,53 +1,20 @@
 //! The client: endpoints, timeouts, retries and fail-over, over one pooled HTTP/1.1 client.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use tokio::time::Instant;
 
 use crate::error::{Error, from_response};
 use crate::lease::Handle;
+use crate::retry::{Pacing, RetryBudget, RetryPolicy, jitter, parse_retry_after};
 
 /// The request header that carries a lease's handle.
 pub(crate) const HANDLE_HEADER: &str = "Leasehold-Handle";
-
-/// How hard to retry a request before giving up.
-///
-/// A request moves to the next endpoint after a connection error, a timeout or a `503`; after a
-/// full round over the endpoints it pauses (`backoff`, doubling up to `max_backoff`).
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    /// Attempts in all, across endpoints (raised to the number of endpoints, so every endpoint
-    /// is tried at least once).
-    pub max_attempts: u32,
-    /// Pause after the first full round over the endpoints.
-    pub backoff: Duration,
-    /// Longest pause between rounds.
-    pub max_backoff: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            max_attempts: 4,
-            backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(1),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// One attempt per endpoint, no pauses.
-    pub fn once_per_endpoint() -> Self {
-        Self {
-            max_attempts: 1,
-            ..Self::default()
-        }
-    }
-}
 
 /// Configures a [`Client`]; start from [`Client::builder`].
 #[derive(Debug, Clone)]
@@ -56,6 +23,7 @@ pub struct ClientBuilder {
     request_timeout: Duration,
     connect_timeout: Duration,
     retry: RetryPolicy,
+    budget: Option<RetryBudget>,
     safety_margin: Option<Duration>,
     bearer_token: Option<Secret>,
     root_certificates: Vec<Vec<u8>>,
@@ -68,6 +36,7 @@ impl Default for ClientBuilder {
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
             retry: RetryPolicy::default(),
+            budget: None,
             safety_margin: None,
             bearer_token: None,
             root_certificates: Vec::new(),
@@ -123,7 +92,9 @@ impl ClientBuilder {
     }
 
     /// Bound on one HTTP attempt, not counting an acquire's deliberate wait in line (default
-    /// 5 s). Past it the attempt is abandoned and retried on the next endpoint.
+    /// 5 s). Past it the attempt is abandoned and retried on the next endpoint. Renewals and
+    /// keep-alives use less when their hold's timer is closer: each attempt gets at most its
+    /// share of the time left, so a hung replica never uses up the time the next one needs.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
@@ -138,6 +109,13 @@ impl ClientBuilder {
     /// How to retry (default [`RetryPolicy::default`]).
     pub fn retry_policy(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// The retry budget (default: a [`RetryBudget::default`] of this client's own). Give
+    /// several clients clones of one budget to bound their retries together.
+    pub fn retry_budget(mut self, budget: RetryBudget) -> Self {
+        self.budget = Some(budget);
         self
     }
 
@@ -182,12 +160,15 @@ impl ClientBuilder {
         Ok(Client {
             inner: Arc::new(Inner {
                 http,
+                pacing: Pacing::new(self.endpoints.len()),
                 endpoints: self.endpoints,
                 preferred: AtomicUsize::new(0),
                 request_timeout: self.request_timeout,
                 retry: self.retry,
+                budget: self.budget.unwrap_or_default(),
                 safety_margin: self.safety_margin,
                 bearer_token: self.bearer_token,
+                server_max_wait_ms: AtomicU64::new(DEFAULT_SERVER_WAIT.as_millis() as u64),
             }),
         })
     }
@@ -208,8 +189,35 @@ pub(crate) struct Inner {
     preferred: AtomicUsize,
     pub(crate) request_timeout: Duration,
     retry: RetryPolicy,
+    budget: RetryBudget,
+    /// When each endpoint may be asked again (`Retry-After`).
+    pacing: Pacing,
     pub(crate) safety_margin: Option<Duration>,
     bearer_token: Option<Secret>,
+    /// The longest wait one acquire request asks of a server: longer waits are chained from
+    /// several requests. Lowered when a server answers that its `--max-wait` is smaller.
+    server_max_wait_ms: AtomicU64,
+}
+
+/// The longest wait one acquire request asks for at first (servers allow 5 min by default).
+/// Shorter than the servers' limit on purpose: a replica that hangs in the middle of a wait is
+/// noticed, and the wait moved to another, within this time plus the request timeout.
+pub(crate) const DEFAULT_SERVER_WAIT: Duration = Duration::from_secs(30);
+
+/// An attempt with less time than this before its deadline is not worth sending.
+const MIN_ATTEMPT: Duration = Duration::from_millis(20);
+
+impl Inner {
+    /// The longest wait to ask of a server in one request.
+    pub(crate) fn server_max_wait(&self) -> Duration {
+        Duration::from_millis(self.server_max_wait_ms.load(Ordering::Relaxed))
+    }
+
+    /// A server said its longest wait is `max`.
+    pub(crate) fn lower_server_max_wait(&self, max: Duration) {
+        let ms = (max.as_millis() as u64).max(1);
+        self.server_max_wait_ms.fetch_min(ms, Ordering::Relaxed);
+    }
 }
 
 impl Client {
@@ -231,15 +239,20 @@ impl Client {
     /// Sends a request with fail-over and returns the decoded 2xx body.
     ///
     /// `attempt` gives each attempt's body and extra timeout (an acquire's remaining wait), so
-    /// retries can shrink the wait.
+    /// retries can shrink the wait. With a `deadline` (a renewal must be confirmed before its
+    /// hold's timer runs out), no attempt starts too late to finish before it, and each gets at
+    /// most its share of the time left, so that every endpoint can still be tried.
     pub(crate) async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         handle: Option<&Handle>,
+        deadline: Option<Instant>,
         attempt: impl Fn() -> (Option<Value>, Duration),
     ) -> Result<T, Error> {
-        let bytes = self.call_raw(method, path, handle, attempt).await?;
+        let bytes = self
+            .call_raw(method, path, handle, deadline, attempt)
+            .await?;
         let bytes = if bytes.is_empty() {
             &b"null"[..]
         } else {
@@ -257,80 +270,238 @@ impl Client {
         method: Method,
         path: &str,
         handle: Option<&Handle>,
+        deadline: Option<Instant>,
         attempt: impl Fn() -> (Option<Value>, Duration),
     ) -> Result<Vec<u8>, Error> {
         let inner = &self.inner;
         let n = inner.endpoints.len();
         let attempts = (inner.retry.max_attempts as usize).max(n);
-        let start = inner.preferred.load(Ordering::Relaxed);
-        let mut backoff = inner.retry.backoff;
+        inner.budget.deposit();
+        let mut cursor = inner.preferred.load(Ordering::Relaxed);
+        let (mut round, mut tried_in_round) = (0u32, 0usize);
         let mut last_error = None;
+        let mut last_error_refused = false;
+        // Whether the last attempt failed before its request left this client (connection
+        // refused, TLS handshake failed): its retry costs no server any work, so, like gRPC's
+        // transparent retries, it spends no budget. A fleet of callers whose replica was just
+        // killed must all be able to move to another one.
+        let mut last_never_sent = false;
         for i in 0..attempts {
-            if i > 0 && i % n == 0 {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(inner.retry.max_backoff);
+            let (index, not_before) = inner.pacing.pick(cursor);
+            cursor = index + 1;
+            let now = Instant::now();
+            // An endpoint that asked for a pause gets it, plus a jitter so that the clients it
+            // told the same do not all come back in the same instant.
+            let mut pause = not_before.map_or(Duration::ZERO, |t| {
+                t.saturating_duration_since(now) + jitter(inner.retry.backoff)
+            });
+            if tried_in_round == n {
+                round += 1;
+                tried_in_round = 0;
+                pause = pause.max(inner.retry.pause_before_round(round));
             }
-            let index = (start + i) % n;
+            tried_in_round += 1;
+            if let Some(deadline) = deadline
+                && now + pause + MIN_ATTEMPT > deadline
+            {
+                tracing::debug!(%path, "no time left for another attempt before the deadline");
+                break;
+            }
+            if i > 0 && !last_never_sent && !inner.budget.try_withdraw() {
+                tracing::info!(%path, "retry budget spent: not retrying");
+                break;
+            }
+            if !pause.is_zero() {
+                tracing::debug!(%path, pause = ?pause, "pausing before the next attempt");
+                tokio::time::sleep(pause).await;
+            }
             let endpoint = &inner.endpoints[index];
             let (body, extra) = attempt();
+            let mut timeout = inner.request_timeout + extra;
+            if let Some(deadline) = deadline {
+                // Leave each endpoint not yet tried in this round an equal share.
+                let left = deadline.saturating_duration_since(Instant::now());
+                let sharing = (n + 1 - tried_in_round).min(attempts - i).max(1);
+                timeout = timeout.min(left / sharing as u32);
+            }
             let mut request = inner
                 .http
                 .request(method.clone(), format!("{endpoint}{path}"))
-                .timeout(inner.request_timeout + extra);
+                .timeout(timeout);
             if let Some(body) = body {
                 request = request.json(&body);
             }
             if let Some(handle) = handle {
                 request = request.header(HANDLE_HEADER, handle.reveal());
             }
-            if let Some(token) = &inner.bearer_token {
-                request = request.bearer_auth(&token.0);
-            }
-            if let Some(traceparent) = crate::trace::traceparent() {
-                request = request.header("traceparent", traceparent);
-            }
+            request = self.authorize(request);
+            let sent = Instant::now();
+            let mut never_sent = false;
             let outcome = async {
                 let response = request.send().await?;
                 let status = response.status().as_u16();
-                Ok::<_, reqwest::Error>((status, response.bytes().await?))
+                let retry_after = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_retry_after);
+                Ok::<_, reqwest::Error>((status, retry_after, response.bytes().await?))
             }
             .await;
-            match outcome {
-                Ok((status, bytes)) if (200..300).contains(&status) => {
+            if outcome.is_ok() {
+                inner.pacing.answered(index);
+            }
+            let error = match outcome {
+                Ok((status, _, bytes)) if (200..300).contains(&status) => {
                     inner.preferred.store(index, Ordering::Relaxed);
+                    if i > 0 {
+                        tracing::info!(%endpoint, %path, attempt = i + 1, "answered after fail-over");
+                    }
                     return Ok(bytes.to_vec());
                 }
-                Ok((503, bytes)) => {
-                    // This replica cannot serve (etcd down for it, or shutting down); another may.
-                    tracing::debug!(%endpoint, %path, "503; trying the next endpoint");
-                    last_error = Some(from_response(503, &bytes));
+                Ok((status, retry_after, bytes)) => {
+                    let error = from_response(status, &bytes, retry_after);
+                    if !(status == 503 || matches!(error, Error::Overloaded { .. })) {
+                        inner.preferred.store(index, Ordering::Relaxed);
+                        return Err(error);
+                    }
+                    // This replica cannot serve now (etcd down for it, shutting down, or
+                    // shedding load); another may. One that asked for a pause gets it.
+                    if let Some(retry_after) = retry_after {
+                        inner.pacing.defer(index, Instant::now() + retry_after);
+                    }
+                    error
                 }
-                Ok((status, bytes)) => {
-                    inner.preferred.store(index, Ordering::Relaxed);
-                    return Err(from_response(status, &bytes));
-                }
+                // Every request this client sends is safe to resend, even after a timeout or a
+                // reset mid-answer that may have acted: lease grants carry the client's handle
+                // (a resend finds the same lease), acquires resume the same waiter, and the
+                // server fences releases against later re-acquires.
                 Err(err) => {
-                    // Every request this client sends is safe to resend, even after a timeout
-                    // or a reset mid-answer that may have acted: lease grants carry the
-                    // client's handle (a resend finds the same lease), acquires resume the same
-                    // waiter, and the server fences releases against later re-acquires.
-                    tracing::debug!(%endpoint, %path, error = %err, "request failed; trying the next endpoint");
-                    last_error = Some(Error::Transport {
+                    never_sent = err.is_connect();
+                    if never_sent {
+                        // Nothing listens there (a killed replica): the next attempts go to the
+                        // others, even to one that asked for a pause, rather than back to a port
+                        // that refuses at once.
+                        inner.pacing.refused(index);
+                    }
+                    Error::Transport {
                         endpoint: endpoint.clone(),
-                        message: describe(&err),
+                        message: if err.is_timeout() {
+                            format!(
+                                "timed out after {}",
+                                humantime::format_duration(round_ms(sent.elapsed()))
+                            )
+                        } else {
+                            describe(&err)
+                        },
                         source: Box::new(err),
-                    });
+                    }
                 }
+            };
+            last_never_sent = never_sent;
+            tracing::info!(%endpoint, %path, error = %error, "attempt failed");
+            // What a server answered (overloaded, etcd unavailable) says more than a refused
+            // connection to another: it is the error reported if no attempt succeeds.
+            if !(never_sent && last_error.is_some() && !last_error_refused) {
+                last_error = Some(error);
+                last_error_refused = never_sent;
             }
         }
-        Err(last_error.expect("at least one attempt"))
+        Err(last_error.unwrap_or_else(|| Error::Transport {
+            endpoint: inner.endpoints[cursor % n].clone(),
+            message: "no time left to send the request before its deadline".into(),
+            source: Box::new(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+        }))
     }
 }
 
+impl Client {
+    /// Adds the bearer token and the caller's trace to a request.
+    fn authorize(&self, mut request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        if let Some(token) = &self.inner.bearer_token {
+            request = request.bearer_auth(&token.0);
+        }
+        if let Some(traceparent) = crate::trace::traceparent() {
+            request = request.header("traceparent", traceparent);
+        }
+        request
+    }
+
+    /// Opens the Server-Sent Events stream at `path`, resuming after `last_event_id`: on the
+    /// first endpoint that answers 200, starting at the preferred one and trying each once. Each
+    /// gets the request timeout to answer with its headers; the body then streams unbounded (the
+    /// reader bounds the silence between events). An answer other than 200, 503 or an overload
+    /// is returned at once; otherwise the last error, after every endpoint was tried.
+    pub(crate) async fn open_stream(
+        &self,
+        path: &str,
+        last_event_id: Option<i64>,
+    ) -> Result<reqwest::Response, Error> {
+        let inner = &self.inner;
+        let n = inner.endpoints.len();
+        let start = inner.preferred.load(Ordering::Relaxed);
+        let mut last_error = None;
+        for k in 0..n {
+            let index = (start + k) % n;
+            let endpoint = &inner.endpoints[index];
+            let mut request = inner
+                .http
+                .get(format!("{endpoint}{path}"))
+                .header(reqwest::header::ACCEPT, "text/event-stream");
+            if let Some(id) = last_event_id {
+                request = request.header("Last-Event-ID", id.to_string());
+            }
+            request = self.authorize(request);
+            let error = match tokio::time::timeout(inner.request_timeout, request.send()).await {
+                Ok(Ok(response)) if response.status().is_success() => {
+                    inner.preferred.store(index, Ordering::Relaxed);
+                    return Ok(response);
+                }
+                Ok(Ok(response)) => {
+                    let status = response.status().as_u16();
+                    let retry_after = response
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(parse_retry_after);
+                    let bytes = response.bytes().await.unwrap_or_default();
+                    let error = from_response(status, &bytes, retry_after);
+                    if !(status == 503 || matches!(error, Error::Overloaded { .. })) {
+                        return Err(error);
+                    }
+                    if let Some(retry_after) = retry_after {
+                        inner.pacing.defer(index, Instant::now() + retry_after);
+                    }
+                    error
+                }
+                Ok(Err(err)) => Error::Transport {
+                    endpoint: endpoint.clone(),
+                    message: describe(&err),
+                    source: Box::new(err),
+                },
+                Err(_) => Error::Transport {
+                    endpoint: endpoint.clone(),
+                    message: format!(
+                        "timed out after {}",
+                        humantime::format_duration(round_ms(inner.request_timeout))
+                    ),
+                    source: Box::new(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+                },
+            };
+            tracing::info!(%endpoint, %path, error = %error, "could not open the stream");
+            last_error = Some(error);
+        }
+        Err(last_error.expect("a client has at least one endpoint"))
+    }
+}
+
+/// A duration rounded to the millisecond, for messages.
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
+}
+
 fn describe(err: &reqwest::Error) -> String {
-    if err.is_timeout() {
-        "timed out".into()
-    } else if err.is_connect() {
+    if err.is_connect() {
         "could not connect".into()
     } else {
         let mut message = err.to_string();

@@ -1,5 +1,7 @@
 //! The one error type, mapped from the server's stable error codes.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 
 use crate::hold::LostReason;
@@ -24,6 +26,16 @@ pub enum Error {
     LockHeld {
         /// The holder when the server gave up, if any (it may have been freed meanwhile).
         holder: Option<Holder>,
+    },
+    /// `409 limit_mismatch` or `409 mode_mismatch`: the acquire disagrees with the lock's other
+    /// holders and waiters about what kind of lock the name is: another semaphore limit, or a
+    /// read-write mode asked of a plain mutex (or the reverse). Nothing was queued.
+    #[error("{message} ({code})")]
+    Mismatch {
+        /// `limit_mismatch` or `mode_mismatch`.
+        code: String,
+        /// The server's message.
+        message: String,
     },
     /// `409 not_holder`: this token does not hold the lock (never did, or the hold ended).
     #[error("this token does not hold the lock (the hold ended or never existed)")]
@@ -74,6 +86,27 @@ pub enum Error {
         /// The server's message.
         message: String,
     },
+    /// The servers shed the request to protect themselves and etcd (`503 overloaded`,
+    /// `503 too_many_connections`, or a `429` other than `quota_exceeded`), and the retries the
+    /// policy, the deadline and the retry budget allowed were shed too. Nothing was done; ask
+    /// again later, not at once.
+    #[error("leasehold overloaded ({code}): {message}{}", retry_after.map(|d| format!(" (retry after {})", humantime::format_duration(d))).unwrap_or_default())]
+    Overloaded {
+        /// `overloaded`, `too_many_connections`, or the code of the `429`.
+        code: String,
+        /// The server's message.
+        message: String,
+        /// The server's `Retry-After`, if it sent one.
+        retry_after: Option<Duration>,
+    },
+    /// This process already holds (or is acquiring, or still releasing) this lock under this
+    /// lease, through another [`crate::LockGuard`]: the server would answer the second acquire
+    /// with the same hold, and releasing either guard would end both. Use the first guard.
+    #[error("lock {name:?} is already held or being acquired under this lease by another guard")]
+    AlreadyHeld {
+        /// The lock.
+        name: String,
+    },
     /// No endpoint answered (connection refused, reset, timed out) after every retry.
     #[error("transport error talking to {endpoint}: {message}")]
     Transport {
@@ -103,9 +136,37 @@ pub enum Error {
 }
 
 impl Error {
-    /// True for errors worth retrying later or elsewhere (`Unavailable`, `Transport`).
+    /// True for errors worth retrying later or elsewhere (`Unavailable`, `Overloaded`,
+    /// `Transport`).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Unavailable { .. } | Error::Transport { .. })
+        matches!(
+            self,
+            Error::Unavailable { .. } | Error::Overloaded { .. } | Error::Transport { .. }
+        )
+    }
+
+    /// A stable snake_case code for this error: the server's code where it sent one
+    /// (`lock_held`, `invalid_ttl`, `store_unavailable`, ...), else one of `transport`,
+    /// `lease_lost`, `already_held`, `unexpected`, or `client` for input the client refused
+    /// before sending. What `leasehold --output json` prints.
+    pub fn code(&self) -> &str {
+        match self {
+            Error::LockHeld { .. } => "lock_held",
+            Error::NotHolder => "not_holder",
+            Error::LeaseNotFound => "lease_not_found",
+            Error::NotFound { .. } => "not_found",
+            Error::InvalidInput { code, .. }
+            | Error::Unavailable { code, .. }
+            | Error::Overloaded { code, .. }
+            | Error::Mismatch { code, .. } => code,
+            Error::Unauthorized { .. } => "unauthorized",
+            Error::Forbidden { .. } => "forbidden",
+            Error::QuotaExceeded { .. } => "quota_exceeded",
+            Error::Transport { .. } => "transport",
+            Error::LeaseLost(_) => "lease_lost",
+            Error::AlreadyHeld { .. } => "already_held",
+            Error::Unexpected { .. } => "unexpected",
+        }
     }
 
     /// An `InvalidInput` raised by the client itself, before sending anything.
@@ -137,9 +198,29 @@ struct HolderBrief {
     token: FencingToken,
 }
 
-/// Maps a non-2xx answer (`status`, raw `body`) to an [`Error`], by the server's stable `code`.
-pub(crate) fn from_response(status: u16, body: &[u8]) -> Error {
+/// Maps a non-2xx answer (`status`, raw `body`, its `Retry-After`) to an [`Error`], by the
+/// server's stable `code`.
+pub(crate) fn from_response(status: u16, body: &[u8], retry_after: Option<Duration>) -> Error {
     let Ok(parsed) = serde_json::from_slice::<ErrorBody>(body) else {
+        // A proxy or load balancer in front of the servers answers in its own words; its 503 and
+        // 429 still mean "not now".
+        let message: String = String::from_utf8_lossy(body).chars().take(200).collect();
+        match status {
+            503 => {
+                return Error::Unavailable {
+                    code: "service_unavailable".into(),
+                    message,
+                };
+            }
+            429 => {
+                return Error::Overloaded {
+                    code: "too_many_requests".into(),
+                    message,
+                    retry_after,
+                };
+            }
+            _ => {}
+        }
         return Error::Unexpected {
             status,
             code: None,
@@ -156,6 +237,7 @@ pub(crate) fn from_response(status: u16, body: &[u8]) -> Error {
             }),
         },
         (409, "not_holder") => Error::NotHolder,
+        (409, "limit_mismatch" | "mode_mismatch") => Error::Mismatch { code, message },
         (401, "unauthorized") => Error::Unauthorized { message },
         (403, "forbidden") => Error::Forbidden { message },
         (429, "quota_exceeded") => Error::QuotaExceeded { message },
@@ -167,6 +249,11 @@ pub(crate) fn from_response(status: u16, body: &[u8]) -> Error {
         )
         | (413, "body_too_large") => Error::InvalidInput { code, message },
         (503, "store_unavailable" | "shutting_down") => Error::Unavailable { code, message },
+        (503, "overloaded" | "too_many_connections") | (429, _) => Error::Overloaded {
+            code,
+            message,
+            retry_after,
+        },
         _ => Error::Unexpected {
             status,
             code: Some(code),
@@ -183,6 +270,7 @@ mod tests {
         from_response(
             status,
             format!(r#"{{"error":{{"code":"{code}","message":"m"}}}}"#).as_bytes(),
+            Some(Duration::from_secs(2)),
         )
     }
 
@@ -208,6 +296,15 @@ mod tests {
         assert!(matches!(map(404, "lease_not_found"), Error::LeaseNotFound));
         assert!(matches!(map(404, "not_found"), Error::NotFound { .. }));
         assert!(matches!(map(409, "not_holder"), Error::NotHolder));
+        for code in ["limit_mismatch", "mode_mismatch"] {
+            let err = map(409, code);
+            assert!(
+                matches!(&err, Error::Mismatch { code: c, .. } if c == code),
+                "{code}"
+            );
+            assert_eq!(err.code(), code);
+            assert!(!err.is_retryable());
+        }
         assert!(matches!(
             map(401, "unauthorized"),
             Error::Unauthorized { .. }
@@ -236,8 +333,27 @@ mod tests {
         ));
         assert!(matches!(map(409, "brand_new"), Error::Unexpected { .. }));
         assert!(matches!(
-            from_response(502, b"<html>bad gateway</html>"),
+            from_response(502, b"<html>bad gateway</html>", None),
             Error::Unexpected { code: None, .. }
+        ));
+        for code in ["overloaded", "too_many_connections"] {
+            let err = map(503, code);
+            assert!(
+                matches!(&err, Error::Overloaded { retry_after: Some(d), .. } if *d == Duration::from_secs(2)),
+                "{err:?}"
+            );
+            assert!(err.is_retryable());
+            assert_eq!(err.code(), code);
+        }
+        assert!(matches!(map(429, "overloaded"), Error::Overloaded { .. }));
+        assert!(!map(429, "quota_exceeded").is_retryable());
+        assert!(matches!(
+            from_response(503, b"<html>busy</html>", None),
+            Error::Unavailable { .. }
+        ));
+        assert!(matches!(
+            from_response(429, b"slow down", None),
+            Error::Overloaded { .. }
         ));
     }
 
@@ -246,11 +362,13 @@ mod tests {
         let err = from_response(
             409,
             br#"{"error":{"code":"lock_held","message":"m"},"holder":{"owner":"w1","token":42}}"#,
+            None,
         );
         let Error::LockHeld { holder: Some(h) } = &err else {
             panic!("{err:?}")
         };
         assert_eq!((h.owner.as_deref(), h.token.get()), (Some("w1"), 42));
         assert_eq!(err.to_string(), "lock is held by token 42 (owner w1)");
+        assert_eq!(err.code(), "lock_held");
     }
 }

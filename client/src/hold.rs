@@ -107,9 +107,11 @@ impl HoldWatch {
     }
 }
 
-/// One renewal attempt: resolves to the confirmed TTL.
-pub(crate) type RenewFn =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<Duration, Error>> + Send>> + Send + Sync>;
+/// One renewal (with fail-over inside), to be confirmed before the given deadline: resolves to
+/// the confirmed TTL.
+pub(crate) type RenewFn = Arc<
+    dyn Fn(Instant) -> Pin<Box<dyn Future<Output = Result<Duration, Error>> + Send>> + Send + Sync,
+>;
 
 /// Owns a hold's state and its background renewal task; stopping or dropping it ends the hold
 /// (as [`LostReason::Released`]) and stops renewing.
@@ -121,12 +123,14 @@ pub(crate) struct Keeper {
 
 impl Keeper {
     /// Starts renewing a hold confirmed at `confirmed_at` for `ttl`, with `renew`, at about a
-    /// third of the TTL. Needs a Tokio runtime.
+    /// third of the TTL. `label` names the hold in log events (`lock "x" token 7`). Needs a
+    /// Tokio runtime.
     pub fn start(
         confirmed_at: Instant,
         ttl: Duration,
         margin: Option<Duration>,
         renew: RenewFn,
+        label: String,
     ) -> Self {
         let margin_of = move |ttl: Duration| margin.unwrap_or_else(|| default_margin(ttl)).min(ttl);
         let state = HoldState {
@@ -136,7 +140,7 @@ impl Keeper {
             ended: None,
         };
         let tx = Arc::new(watch::Sender::new(state));
-        let task = tokio::spawn(renew_loop(tx.clone(), renew, margin_of));
+        let task = tokio::spawn(renew_loop(tx.clone(), renew, margin_of, label));
         Self {
             tx,
             task: Some(task),
@@ -180,8 +184,10 @@ async fn renew_loop(
     tx: Arc<watch::Sender<HoldState>>,
     renew: RenewFn,
     margin_of: impl Fn(Duration) -> Duration,
+    label: String,
 ) {
-    let end = |reason| {
+    let end = |reason: LostReason| {
+        tracing::warn!(hold = %label, %reason, "hold lost");
         tx.send_modify(|s| {
             s.ended.get_or_insert(reason);
         })
@@ -199,7 +205,7 @@ async fn renew_loop(
         }
         let sent = Instant::now();
         let result = tokio::select! {
-            result = renew() => result,
+            result = renew(state.deadline) => result,
             // A renewal still in flight at the deadline cannot save the hold any more.
             _ = tokio::time::sleep_until(state.deadline) => return end(LostReason::Expired),
         };
@@ -212,12 +218,23 @@ async fn renew_loop(
                     s.deadline = s.deadline.max(deadline);
                 });
                 next_attempt = sent + ttl / 3;
+                tracing::debug!(
+                    hold = %label,
+                    ttl = %humantime::format_duration(ttl),
+                    took = ?sent.elapsed(),
+                    "renewed"
+                );
             }
             Err(Error::NotHolder) => return end(LostReason::NotHolder),
             Err(Error::LeaseNotFound) => return end(LostReason::LeaseNotFound),
             Err(err) => {
                 // Every endpoint was tried already; try again soon, while the timer allows.
-                tracing::warn!(error = %err, "renewal failed; retrying");
+                tracing::warn!(
+                    hold = %label,
+                    error = %err,
+                    left = ?state.deadline.saturating_duration_since(Instant::now()),
+                    "renewal failed; retrying"
+                );
                 next_attempt = Instant::now() + (state.ttl / 10).min(Duration::from_secs(1));
             }
         }
@@ -248,7 +265,7 @@ mod tests {
     #[tokio::test]
     async fn timer_expires_without_confirmed_renewals() {
         let start = Instant::now();
-        let renew: RenewFn = Arc::new(|| {
+        let renew: RenewFn = Arc::new(|_| {
             Box::pin(async {
                 Err(Error::Unavailable {
                     code: "store_unavailable".into(),
@@ -256,7 +273,7 @@ mod tests {
                 })
             })
         });
-        let keeper = Keeper::start(start, Duration::from_secs(1), None, renew);
+        let keeper = Keeper::start(start, Duration::from_secs(1), None, renew, "test".into());
         let watch = keeper.watch();
         assert!(watch.is_held());
         assert_eq!(watch.lost().await, LostReason::Expired);
@@ -273,7 +290,7 @@ mod tests {
         let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let renew: RenewFn = Arc::new({
             let calls = calls.clone();
-            move || {
+            move |_| {
                 let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 Box::pin(async move {
                     if n < 5 {
@@ -284,7 +301,13 @@ mod tests {
                 })
             }
         });
-        let keeper = Keeper::start(start, Duration::from_millis(600), None, renew);
+        let keeper = Keeper::start(
+            start,
+            Duration::from_millis(600),
+            None,
+            renew,
+            "test".into(),
+        );
         assert_eq!(keeper.watch().lost().await, LostReason::NotHolder);
         // Six renewals at a third of the TTL each: well past the first TTL, so renewals worked.
         let elapsed = start.elapsed();

@@ -1,12 +1,14 @@
 //! TTL leases: granted by the server, kept alive here in the background, revoked on drop.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::client::{Client, Secret, humantime_ms};
@@ -54,9 +56,18 @@ impl Handle {
 pub struct LeaseId(String);
 
 impl LeaseId {
-    /// Wraps an id as printed by the server or the CLI.
+    /// Wraps an id as printed by the server or the CLI. Not checked here: calls that put it in
+    /// a request path refuse anything but 1 to 16 hex digits ([`LeaseId::parse`] checks first).
     pub fn new(id: impl Into<String>) -> Self {
         Self(id.into())
+    }
+
+    /// An id, checked: 1 to 16 hex digits (so that an id such as `../../healthz` never turns
+    /// into another request).
+    pub fn parse(id: &str) -> Result<Self, Error> {
+        let id = LeaseId(id.trim().to_owned());
+        path_segment(&id)?;
+        Ok(id)
     }
 
     /// The id as a string.
@@ -109,8 +120,93 @@ pub struct Lease {
     id: LeaseId,
     handle: Handle,
     keeper: Keeper,
+    /// The locks this process holds or is acquiring under the lease: one guard per lock.
+    pub(crate) slots: Arc<Slots>,
     /// False once revoked or detached: nothing left to do on drop.
     armed: bool,
+}
+
+/// The locks held, being acquired, or being released under one lease by this process.
+///
+/// The server knows one hold per (lock, lease): a second acquire under the same lease answers
+/// the same hold, with the same token, and a release by either ends it for both. So this process
+/// allows one [`crate::LockGuard`] per (lock, lease): a second acquire is refused with
+/// [`Error::AlreadyHeld`] while the first is held or being acquired, and waits while it is being
+/// released, so that a late release never ends a hold acquired after it.
+#[derive(Debug, Default)]
+pub(crate) struct Slots {
+    map: Mutex<HashMap<String, SlotState>>,
+}
+
+#[derive(Debug)]
+enum SlotState {
+    /// A guard holds the lock, or an acquire for it is under way.
+    Busy,
+    /// A release (or the clean-up of an abandoned acquire) is under way; the channel closes when
+    /// it is over.
+    Releasing(watch::Receiver<()>),
+}
+
+/// One lock's place in [`Slots`]: freed when dropped.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    slots: Arc<Slots>,
+    name: String,
+    /// While releasing: dropped with the slot, which wakes acquires waiting for the release.
+    _releasing: Option<watch::Sender<()>>,
+}
+
+impl Slots {
+    /// Takes lock `name` for one guard: refused while another guard holds or acquires it,
+    /// waits while it is being released.
+    pub async fn take(self: &Arc<Self>, name: &str) -> Result<Slot, Error> {
+        loop {
+            let mut released = {
+                let mut map = self.map();
+                match map.get(name) {
+                    None => {
+                        map.insert(name.to_owned(), SlotState::Busy);
+                        return Ok(Slot {
+                            slots: self.clone(),
+                            name: name.to_owned(),
+                            _releasing: None,
+                        });
+                    }
+                    Some(SlotState::Busy) => {
+                        return Err(Error::AlreadyHeld {
+                            name: name.to_owned(),
+                        });
+                    }
+                    Some(SlotState::Releasing(rx)) => rx.clone(),
+                }
+            };
+            // Resolves (with an error) when the releasing side drops its sender.
+            let _ = released.changed().await;
+        }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, SlotState>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Slot {
+    /// The hold is being released from now on: a new acquire of the lock under this lease waits
+    /// until this slot is dropped, instead of being refused.
+    pub fn releasing(mut self) -> Self {
+        let (tx, rx) = watch::channel(());
+        self.slots
+            .map()
+            .insert(self.name.clone(), SlotState::Releasing(rx));
+        self._releasing = Some(tx);
+        self
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots.map().remove(&self.name);
+    }
 }
 
 impl Client {
@@ -135,22 +231,39 @@ impl Client {
         // timeout (on any replica) finds the lease its first attempt made.
         let handle = Handle::generate();
         let granted: Granted = self
-            .call(Method::POST, "/v1/leases", Some(&handle), || {
+            .call(Method::POST, "/v1/leases", Some(&handle), None, || {
                 (Some(body.clone()), Duration::ZERO)
             })
             .await?;
         Ok(self.keep(granted, handle, sent))
     }
 
+    /// Takes over keeping alive a lease granted elsewhere (by `leasehold lease grant`, or
+    /// another process), given its id and handle: refreshes it once to learn its TTL, then keeps
+    /// it alive in the background like a lease granted here. Dropping the returned [`Lease`]
+    /// revokes it; [`Lease::detach`] leaves it to its owner.
+    pub async fn attach_lease(&self, id: LeaseId, handle: Handle) -> Result<Lease, Error> {
+        let sent = Instant::now();
+        let ttl_ms = self.keep_lease_alive(&id, &handle).await?;
+        Ok(self.keep(
+            Granted {
+                lease_id: id,
+                ttl_ms,
+            },
+            handle,
+            sent,
+        ))
+    }
+
     /// Starts keeping a just-granted lease alive.
     fn keep(&self, granted: Granted, handle: Handle, sent: Instant) -> Lease {
         let renew: RenewFn = Arc::new({
             let (client, id, handle) = (self.clone(), granted.lease_id.clone(), handle.clone());
-            move || {
+            move |deadline| {
                 let (client, id, handle) = (client.clone(), id.clone(), handle.clone());
                 Box::pin(async move {
                     client
-                        .keep_lease_alive(&id, &handle)
+                        .keep_alive_before(&id, &handle, Some(deadline))
                         .await
                         .map(Duration::from_millis)
                 })
@@ -161,21 +274,35 @@ impl Client {
             Duration::from_millis(granted.ttl_ms),
             self.inner.safety_margin,
             renew,
+            format!("lease {}", granted.lease_id),
         );
         Lease {
             client: self.clone(),
             id: granted.lease_id,
             handle,
             keeper,
+            slots: Arc::default(),
             armed: true,
         }
     }
 
     /// Refreshes lease `id` once; returns its TTL in milliseconds.
     pub async fn keep_lease_alive(&self, id: &LeaseId, handle: &Handle) -> Result<u64, Error> {
+        self.keep_alive_before(id, handle, None).await
+    }
+
+    /// [`Client::keep_lease_alive`], confirmed before `deadline` or not at all.
+    async fn keep_alive_before(
+        &self,
+        id: &LeaseId,
+        handle: &Handle,
+        deadline: Option<Instant>,
+    ) -> Result<u64, Error> {
         let path = format!("/v1/leases/{}/keepalive", path_segment(id)?);
         let kept: KeptAlive = self
-            .call(Method::POST, &path, Some(handle), || (None, Duration::ZERO))
+            .call(Method::POST, &path, Some(handle), deadline, || {
+                (None, Duration::ZERO)
+            })
             .await?;
         Ok(kept.ttl_ms)
     }
@@ -183,7 +310,7 @@ impl Client {
     /// What the server knows about lease `id`.
     pub async fn lease_info(&self, id: &LeaseId) -> Result<LeaseInfo, Error> {
         let path = format!("/v1/leases/{}", path_segment(id)?);
-        self.call(Method::GET, &path, None, || (None, Duration::ZERO))
+        self.call(Method::GET, &path, None, None, || (None, Duration::ZERO))
             .await
     }
 
@@ -192,7 +319,7 @@ impl Client {
     pub async fn revoke_lease(&self, id: &LeaseId, handle: &Handle) -> Result<(), Error> {
         let path = format!("/v1/leases/{}", path_segment(id)?);
         match self
-            .call::<serde_json::Value>(Method::DELETE, &path, Some(handle), || {
+            .call::<serde_json::Value>(Method::DELETE, &path, Some(handle), None, || {
                 (None, Duration::ZERO)
             })
             .await
@@ -246,6 +373,12 @@ impl Lease {
 
     pub(crate) fn watch(&self) -> HoldWatch {
         self.keeper.watch()
+    }
+
+    /// Waits until no acquire, release or clean-up of lock `name` under this lease is under way
+    /// in this process (the clean-up of a cancelled acquire runs in the background).
+    pub(crate) async fn settled(&self, name: &str) {
+        drop(self.slots.take(name).await);
     }
 
     /// Stops the background keep-alive but keeps the timer (a lock guard renews instead).

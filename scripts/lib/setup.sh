@@ -54,8 +54,15 @@ check_promtool() { promtool --version >/dev/null 2>&1; }
 check_docker_compose() { docker-compose version >/dev/null 2>&1; }
 check_curl() { curl --version >/dev/null 2>&1; }
 check_python3() { python3 -c 'import json, socket' >/dev/null 2>&1; }
+# The CLI's terminal test runs `leasehold` on a pty through util-linux's `script`.
+check_script() { script --version >/dev/null 2>&1; }
 # `python3 -m venv` needs ensurepip, which Debian ships in python3-venv.
 check_python3_venv() { python3 -c 'import ensurepip, venv' >/dev/null 2>&1; }
+# The status page's browser test: Debian's Chromium, driven from Node.js (playwright-core, from
+# npm, installed below into target/tools), which needs npm to install.
+check_chromium() { "${LEASEHOLD_CHROMIUM:-/usr/bin/chromium}" --version >/dev/null 2>&1; }
+check_node() { node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 18 ? 0 : 1)' >/dev/null 2>&1; }
+check_npm() { npm --version >/dev/null 2>&1; }
 
 # package: check that proves it. The demo needs the first group; the tests need all of them.
 # (No sqlite3 CLI: the demo's ledger links SQLite through rusqlite's bundled build.)
@@ -73,6 +80,10 @@ REQUIREMENTS=(
   "prometheus:check_promtool"
   "docker-compose:check_docker_compose"
   "python3-venv:check_python3_venv"
+  "bsdutils:check_script"
+  "chromium:check_chromium"
+  "nodejs:check_node"
+  "npm:check_npm"
 )
 
 # Prints the packages whose check fails. With `demo`, only the entries before "--tests--".
@@ -145,4 +156,19 @@ ensure_python_tools() {
   "$venv/bin/python" -c 'import yaml, schemathesis' || { echo "the Python tools venv $venv is broken; delete it and run again" >&2; exit 1; }
   export LEASEHOLD_PYTHON="$PWD/$venv/bin/python"
   export LEASEHOLD_SCHEMATHESIS="$PWD/$venv/bin/schemathesis"
+}
+
+# playwright-core (npm, pinned) drives Chromium for the status page test; it never downloads a
+# browser of its own (it is given Debian's). Exports LEASEHOLD_PLAYWRIGHT_DIR for the test.
+PLAYWRIGHT_VERSION=1.65.1
+ensure_ui_tools() {
+  local dir=target/tools/node-playwright-$PLAYWRIGHT_VERSION
+  if ! (cd "$dir" 2>/dev/null && node -e 'require("playwright-core")') >/dev/null 2>&1; then
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    echo "==> installing playwright-core $PLAYWRIGHT_VERSION into $dir"
+    (cd "$dir" && npm install --silent --no-audit --no-fund --ignore-scripts "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null)
+  fi
+  (cd "$dir" && node -e 'require("playwright-core")') || { echo "playwright-core in $dir is broken; delete it and run again" >&2; exit 1; }
+  export LEASEHOLD_PLAYWRIGHT_DIR="$PWD/$dir/node_modules"
 }

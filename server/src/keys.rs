@@ -5,6 +5,7 @@
 //! | key | value | attached to lease |
 //! |---|---|---|
 //! | `P/locks/{name}/q/{lease}` | JSON [`WaiterValue`] | `{lease}` |
+//! | `P/locks/{name}/x/{lease}` | empty: an exclusive waiter of a read-write lock | `{lease}` |
 //! | `P/leases/{lease}/auth` | hex SHA-256 of tenant and handle (`handle.rs`) | `{lease}` |
 //! | `P/leases/{lease}/meta` | JSON [`LeaseMeta`] | `{lease}` |
 //! | `P/tenants/{tenant}/leases/{lease}` | empty | `{lease}` |
@@ -22,7 +23,12 @@
 //!   counted for its live-lease quota.
 //! - The waiter keys under `P/locks/{name}/q/` form the lock's FIFO queue, ordered by
 //!   `create_revision`; the first one holds the lock and its `create_revision` is the fencing
-//!   token. See `lock.rs` for the algorithm and `docs/design.md` for the argument.
+//!   token. See `queue.rs` for the algorithm and `docs/design.md` for the argument.
+//! - An exclusive waiter of a read-write lock also writes `P/locks/{name}/x/{lease}`, in the same
+//!   txn and so with the same `create_revision`: a shared waiter needs to know only whether an
+//!   exclusive key is ahead of it, and finds the nearest one with one bounded read of `x/`.
+//! - All the keys of one acquire (several names for a group) are put by one txn and share its
+//!   revision: that common revision orders groups, so waits never form a cycle.
 //!
 //! Every key is attached to its lease, so revoking or expiring a lease removes all of its keys
 //! at once: nothing Leasehold writes outlives the lease that owns it.
@@ -152,6 +158,18 @@ pub struct WaiterValue {
     /// recognise (and remove) the key it wrote, and nothing else.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
+    /// A semaphore's limit (absent: 1, a mutex). Every waiter of a name must agree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// `"shared"` or `"exclusive"` for a read-write lock (absent: a mutex or semaphore).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// A candidate's value (leader election: an address, an id), shown while it leads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// How many names the acquire took together (groups), when more than one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<u32>,
 }
 
 /// The value stored in a lease's `meta` key.
@@ -188,14 +206,37 @@ impl KeySchema {
         format!("{}/locks/", self.prefix)
     }
 
+    /// `P/locks/{name}/`: every key of one lock (its queue, its exclusive marks).
+    pub fn lock_prefix(&self, name: &LockName) -> String {
+        format!("{}/locks/{}/", self.prefix, name.encoded())
+    }
+
     /// `P/locks/{name}/q/`: the lock's waiter queue.
     pub fn queue_prefix(&self, name: &LockName) -> String {
-        format!("{}/locks/{}/q/", self.prefix, name.encoded())
+        format!("{}q/", self.lock_prefix(name))
     }
 
     /// `P/locks/{name}/q/{lease}`: the waiter key of `lease` in the lock's queue.
     pub fn waiter_key(&self, name: &LockName, lease: LeaseId) -> String {
         format!("{}{lease}", self.queue_prefix(name))
+    }
+
+    /// `P/locks/{name}/x/`: the exclusive waiters of a read-write lock.
+    pub fn exclusive_prefix(&self, name: &LockName) -> String {
+        format!("{}x/", self.lock_prefix(name))
+    }
+
+    /// `P/locks/{name}/x/{lease}`: `lease` waits for (or holds) the lock exclusively.
+    pub fn exclusive_key(&self, name: &LockName, lease: LeaseId) -> String {
+        format!("{}{lease}", self.exclusive_prefix(name))
+    }
+
+    /// The lock name a key under `P/locks/` belongs to.
+    pub fn name_of_key(&self, key: &[u8]) -> Option<LockName> {
+        let key = std::str::from_utf8(key).ok()?;
+        let rest = key.strip_prefix(&self.locks_root())?;
+        let (encoded, _) = rest.split_once('/')?;
+        LockName::from_encoded(encoded)
     }
 
     /// `P/leases/{lease}/meta`: owner, tenant and granted TTL of a lease.
@@ -228,11 +269,13 @@ impl KeySchema {
         &self.prefix
     }
 
-    /// The queue prefix a waiter key belongs to (everything up to its last `/`), used to route
-    /// a deletion seen by the shared watch to the waiters of that lock.
-    pub fn queue_of_waiter_key(key: &[u8]) -> Option<&[u8]> {
-        let slash = key.iter().rposition(|&b| b == b'/')?;
-        Some(&key[..=slash])
+    /// The lock prefix (`P/locks/{name}/`) a key of that lock belongs to: everything up to its
+    /// second-to-last `/`. Used to route a deletion seen by the shared watch to the waiters of
+    /// that lock.
+    pub fn lock_of_key(key: &[u8]) -> Option<&[u8]> {
+        let last = key.iter().rposition(|&b| b == b'/')?;
+        let second = key[..last].iter().rposition(|&b| b == b'/')?;
+        Some(&key[..=second])
     }
 }
 
@@ -335,6 +378,23 @@ mod tests {
             "A".parse::<LeaseId>().unwrap().to_string(),
             "000000000000000a"
         );
+    }
+
+    #[test]
+    fn keys_route_to_their_lock() {
+        let keys = KeySchema::new("/p");
+        let name = LockName::new("a/b").unwrap();
+        let lease = LeaseId::from_etcd(9).unwrap();
+        for key in [
+            keys.waiter_key(&name, lease),
+            keys.exclusive_key(&name, lease),
+        ] {
+            assert_eq!(
+                KeySchema::lock_of_key(key.as_bytes()),
+                Some(keys.lock_prefix(&name).as_bytes())
+            );
+            assert_eq!(keys.name_of_key(key.as_bytes()), Some(name.clone()));
+        }
     }
 
     #[test]

@@ -343,6 +343,51 @@ impl Service {
         })
     }
 
+    /// The live leases of `tenant` (at most `max`): id, owner and granted TTL, in one read of the
+    /// tenant's lease index and one of their meta keys.
+    pub async fn list_leases(
+        &self,
+        tenant: &Tenant,
+        max: usize,
+    ) -> Result<Vec<(LeaseId, LeaseMeta)>, ServiceError> {
+        let index = self
+            .store
+            .get(
+                &self.keys.tenant_leases_prefix(&tenant.name),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only()
+                        .with_limit(max as i64),
+                ),
+            )
+            .await?;
+        let ids: Vec<LeaseId> = index
+            .kvs()
+            .iter()
+            .filter_map(|kv| LeaseId::from_etcd(kv.lease()))
+            .collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let reads: Vec<TxnOp> = ids
+            .iter()
+            .map(|id| TxnOp::get(self.keys.lease_meta_key(*id), None))
+            .collect();
+        let resp = self
+            .store
+            .txn(
+                &self.keys.tenant_leases_prefix(&tenant.name),
+                Txn::new().and_then(reads),
+            )
+            .await?;
+        Ok(ids
+            .into_iter()
+            .zip(txn_gets(&resp))
+            .filter_map(|(id, get)| Some((id, parse_meta(get.kvs().first().map(|kv| kv.value()))?)))
+            .collect())
+    }
+
     /// Revokes a lease: every lock it held or waited for is freed at once.
     ///
     /// Two steps, because etcd's revoke cannot be made conditional and so must never land after

@@ -98,6 +98,22 @@ fn describe() {
         "1 if the last etcd call got an answer, else 0."
     );
     describe_counter!(
+        "leasehold_requests_shed_total",
+        "Requests answered 503 overloaded by admission control, before anything reached etcd."
+    );
+    describe_counter!(
+        "leasehold_etcd_overloaded_total",
+        "etcd calls etcd refused with \"too many requests\" (admission control keeps this at 0)."
+    );
+    describe_gauge!(
+        "leasehold_admission_limit",
+        "Adaptive bound on etcd calls in flight from this server."
+    );
+    describe_gauge!(
+        "leasehold_admission_queue",
+        "etcd calls waiting for a slot under the admission limit."
+    );
+    describe_counter!(
         "leasehold_watch_restarts_total",
         "Times the shared lock watch broke and was re-created (every waiter then re-reads)."
     );
@@ -188,6 +204,22 @@ pub fn lease_revoked() {
 pub fn etcd_call(op: &'static str, elapsed: Duration, answered: bool) {
     histogram!("leasehold_etcd_request_duration_seconds", "op" => op).record(elapsed.as_secs_f64());
     gauge!("leasehold_etcd_up").set(if answered { 1.0 } else { 0.0 });
+}
+
+/// Records a request shed by admission control.
+pub fn shed() {
+    counter!("leasehold_requests_shed_total").increment(1);
+}
+
+/// Records an etcd call refused by etcd with "too many requests".
+pub fn etcd_overloaded() {
+    counter!("leasehold_etcd_overloaded_total").increment(1);
+}
+
+/// Records the admission limit and queue length.
+pub fn admission(limit: f64, queued: usize) {
+    gauge!("leasehold_admission_limit").set(limit.floor());
+    gauge!("leasehold_admission_queue").set(queued as f64);
 }
 
 /// Records that the shared lock watch broke and is being re-created.

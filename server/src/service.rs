@@ -90,6 +90,18 @@ pub enum ServiceError {
     /// A tenant quota would be exceeded; nothing was granted.
     #[error("quota exceeded: {0}")]
     QuotaExceeded(String),
+    /// The server or etcd is overloaded; nothing was sent or applied. Retry after a pause.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    /// The acquire disagrees with the lock's other waiters (semaphore limit, read-write mode),
+    /// or is otherwise inconsistent with what the lease already waits for.
+    #[error("{message}")]
+    Mismatch {
+        /// The stable code (`limit_mismatch`, `mode_mismatch`, `invalid_request`).
+        code: &'static str,
+        /// Why.
+        message: String,
+    },
 }
 
 impl From<StoreError> for ServiceError {
@@ -100,6 +112,7 @@ impl From<StoreError> for ServiceError {
                 ServiceError::Unavailable("etcd reported an unexpected lease id clash".into())
             }
             StoreError::Unavailable(msg) => ServiceError::Unavailable(msg),
+            StoreError::Overloaded(msg) => ServiceError::Overloaded(msg),
         }
     }
 }
@@ -123,6 +136,8 @@ pub struct ServiceInner {
     pub(crate) tasks: TaskTracker,
     /// Cancelled when the server shuts down: waits stop and clean up.
     pub(crate) shutdown: CancellationToken,
+    /// Slots for watch streams (`watch.rs`).
+    pub(crate) streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::ops::Deref for Service {
@@ -144,6 +159,7 @@ impl Service {
                 wakeups: Wakeups::default(),
                 tasks: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
+                streams: Arc::new(tokio::sync::Semaphore::new(crate::watch::MAX_STREAMS)),
             }),
         }
     }

@@ -37,6 +37,10 @@ pub enum StoreError {
     /// etcd could not be reached, timed out, or failed; nothing may be concluded.
     #[error("etcd unavailable: {0}")]
     Unavailable(String),
+    /// Not sent: admission control shed the request, or etcd refused it unapplied ("too many
+    /// requests"). Retry later.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
 }
 
 impl From<etcd_client::Error> for StoreError {
@@ -52,6 +56,10 @@ impl From<etcd_client::Error> for StoreError {
             }
             E::GRpcStatus(status) if status.message().contains("lease already exists") => {
                 StoreError::LeaseExists
+            }
+            // etcd refuses before proposing when its apply loop lags: nothing was applied.
+            E::GRpcStatus(status) if status.message().contains("too many requests") => {
+                StoreError::Overloaded(status.message().to_owned())
             }
             _ => StoreError::Unavailable(err.to_string()),
         }
@@ -76,6 +84,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// linearizable cluster, so which one answers does not matter for correctness.
 #[derive(Clone)]
 pub struct Store {
+    admission: crate::admission::Admission,
     endpoints: Arc<[Endpoint]>,
     next: Arc<AtomicUsize>,
     request_timeout: Duration,
@@ -158,6 +167,7 @@ impl Store {
             return Err(StoreError::Unavailable("no etcd endpoint given".into()));
         }
         Ok(Self {
+            admission: crate::admission::Admission::default(),
             endpoints: clients.into(),
             next: Arc::new(AtomicUsize::new(0)),
             request_timeout,
@@ -209,7 +219,7 @@ impl Store {
 
     /// Runs one etcd call, bounded by the request timeout, with its error classified, inside an
     /// `etcd` span, and timed into `leasehold_etcd_request_duration_seconds{op}`.
-    async fn call<T, F>(
+    async fn call<T, F, Fut>(
         &self,
         at: usize,
         op: &'static str,
@@ -218,7 +228,8 @@ impl Store {
     ) -> Result<T, StoreError>
     where
         T: AtRevision,
-        F: Future<Output = Result<T, etcd_client::Error>>,
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let span = tracing::info_span!(
             "etcd",
@@ -230,10 +241,17 @@ impl Store {
             revision = tracing::field::Empty,
         );
         let record = span.clone();
+        let permit = self
+            .admission
+            .admit()
+            .await
+            .map_err(|shed| StoreError::Overloaded(shed.to_string()))?;
         let started = Instant::now();
         // Boxed: etcd-client's futures are tens of KiB, and every future awaiting this one would
         // otherwise carry that inline. A queued acquire then costs ~165 KiB instead of a few KiB.
-        let call = Box::pin(call.instrument(span));
+        // The call is made (and its client cloned) only here, once admitted: a call queued under
+        // the admission limit holds just its arguments.
+        let call = Box::pin(call(self.endpoints[at].client.clone()).instrument(span));
         let result = match tokio::time::timeout(self.request_timeout, call).await {
             Ok(result) => result.map_err(StoreError::from),
             Err(_) => Err(StoreError::Unavailable(format!(
@@ -249,14 +267,25 @@ impl Store {
         if !answered {
             self.suspect(at);
         }
+        if matches!(result, Err(StoreError::Overloaded(_))) {
+            metrics::etcd_overloaded();
+        }
+        // A timeout or "too many requests" is etcd pushing back: the limit halves.
+        permit.finish(matches!(
+            result,
+            Err(StoreError::Unavailable(_) | StoreError::Overloaded(_))
+        ));
         metrics::etcd_call(op, started.elapsed(), answered);
         result
     }
 
     /// A transaction; `target` names the key or prefix it is about, for traces.
     pub async fn txn(&self, target: &str, txn: Txn) -> Result<TxnResponse, StoreError> {
-        let (at, mut client) = self.pick_client();
-        self.call(at, "txn", target, client.txn(txn)).await
+        let at = self.pick();
+        self.call(at, "txn", target, move |mut client| async move {
+            client.txn(txn).await
+        })
+        .await
     }
 
     /// A range read.
@@ -265,8 +294,12 @@ impl Store {
         key: &str,
         options: Option<GetOptions>,
     ) -> Result<GetResponse, StoreError> {
-        let (at, mut client) = self.pick_client();
-        self.call(at, "get", key, client.get(key, options)).await
+        let at = self.pick();
+        let owned = key.to_owned();
+        self.call(at, "get", key, move |mut client| async move {
+            client.get(owned, options).await
+        })
+        .await
     }
 
     /// A write.
@@ -276,10 +309,13 @@ impl Store {
         value: Vec<u8>,
         options: Option<PutOptions>,
     ) -> Result<(), StoreError> {
-        let (at, mut client) = self.pick_client();
-        self.call(at, "put", key, client.put(key, value, options))
-            .await
-            .map(drop)
+        let at = self.pick();
+        let owned = key.to_owned();
+        self.call(at, "put", key, move |mut client| async move {
+            client.put(owned, value, options).await
+        })
+        .await
+        .map(drop)
     }
 
     /// Grants lease `id` for `ttl_secs` seconds (etcd may raise it to its minimum); `LeaseExists`
@@ -289,13 +325,13 @@ impl Store {
         id: LeaseId,
         ttl_secs: i64,
     ) -> Result<LeaseGrantResponse, StoreError> {
-        let (at, mut client) = self.pick_client();
+        let at = self.pick();
         let options = etcd_client::LeaseGrantOptions::new().with_id(id.as_i64());
         self.call(
             at,
             "lease_grant",
             &id.to_string(),
-            client.lease_grant(ttl_secs, Some(options)),
+            move |mut client| async move { client.lease_grant(ttl_secs, Some(options)).await },
         )
         .await
     }
@@ -322,12 +358,12 @@ impl Store {
 
     /// Revokes a lease and, with it, every key attached to it.
     pub async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let (at, mut client) = self.pick_client();
+        let at = self.pick();
         self.call(
             at,
             "lease_revoke",
             &lease.to_string(),
-            client.lease_revoke(lease.as_i64()),
+            move |mut client| async move { client.lease_revoke(lease.as_i64()).await },
         )
         .await
         .map(drop)
@@ -336,12 +372,12 @@ impl Store {
     /// Refreshes a lease once. etcd-client sends one keep-alive and waits for its answer; a TTL
     /// of 0 (lease gone) comes back as `LeaseNotFound`.
     pub async fn lease_keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let (at, mut client) = self.pick_client();
+        let at = self.pick();
         self.call(
             at,
             "lease_keepalive",
             &lease.to_string(),
-            client.lease_keep_alive(lease.as_i64()),
+            move |mut client| async move { client.lease_keep_alive(lease.as_i64()).await },
         )
         .await
         .map(drop)
@@ -353,14 +389,11 @@ impl Store {
         lease: LeaseId,
         with_keys: bool,
     ) -> Result<LeaseTimeToLiveResponse, StoreError> {
-        let (at, mut client) = self.pick_client();
+        let at = self.pick();
         let options = with_keys.then(|| LeaseTimeToLiveOptions::new().with_keys());
-        self.call(
-            at,
-            "lease_ttl",
-            &lease.to_string(),
-            client.lease_time_to_live(lease.as_i64(), options),
-        )
+        self.call(at, "lease_ttl", &lease.to_string(), move |mut client| async move {
+            client.lease_time_to_live(lease.as_i64(), options).await
+        })
         .await
     }
 }

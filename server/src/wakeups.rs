@@ -86,47 +86,72 @@ impl LockRoutes {
     }
 }
 
-/// A waiter's subscription to one lock's deletions. Dropping it unsubscribes.
+/// A waiter's subscription to the deletions of one or more locks (several for a group acquire).
+/// Dropping it unsubscribes.
 pub struct Subscription {
-    queue: Vec<u8>,
+    /// The lock prefixes subscribed to.
+    locks: Vec<Vec<u8>>,
     id: u64,
     notify: Arc<Notify>,
+    /// The keys watched now.
     watching: Vec<Vec<u8>>,
     generation: watch::Receiver<u64>,
     wakeups: Wakeups,
 }
 
+/// The deletion counts of a subscription's locks, taken before a read.
+#[derive(Debug, Clone, Default)]
+pub struct Mark(Vec<u64>);
+
 impl Subscription {
-    /// The lock's deletion count: take it *before* the read whose result you will watch.
-    pub fn mark(&self) -> u64 {
+    /// The locks' deletion counts: take them *before* the read whose result you will watch.
+    pub fn mark(&self) -> Mark {
         let locks = self.wakeups.routes();
-        locks.get(&self.queue).map_or(0, |routes| routes.seq)
+        Mark(
+            self.locks
+                .iter()
+                .map(|lock| locks.get(lock).map_or(0, |routes| routes.seq))
+                .collect(),
+        )
     }
 
-    /// Watches `keys` from now on, replacing what was watched before, and wakes this waiter at
-    /// once if one of them was deleted after `mark` (or if that is no longer known).
-    pub fn watch(&mut self, keys: &[&[u8]], mark: u64) {
+    /// Watches `keys` (of the subscribed locks) from now on, replacing what was watched before,
+    /// and wakes this waiter at once if one of them was deleted after `mark` (or if that is no
+    /// longer known).
+    pub fn watch(&mut self, keys: &[&[u8]], mark: &Mark) {
         let mut locks = self.wakeups.routes();
-        let routes = locks.entry(self.queue.clone()).or_default();
-        routes.forget(self.id, &self.watching);
-        self.watching.clear();
+        for key in std::mem::take(&mut self.watching) {
+            if let Some(routes) = KeySchema::lock_of_key(&key).and_then(|l| locks.get_mut(l)) {
+                routes.forget(self.id, std::slice::from_ref(&key));
+            }
+        }
+        let mut wake = false;
         for key in keys {
+            let Some(lock) = KeySchema::lock_of_key(key) else {
+                continue;
+            };
+            let Some(at) = self.locks.iter().position(|l| l.as_slice() == lock) else {
+                continue; // not a key of a subscribed lock
+            };
+            let since = mark.0.get(at).copied().unwrap_or(0);
+            let routes = locks.entry(lock.to_vec()).or_default();
             routes
                 .interested
                 .entry(key.to_vec())
                 .or_default()
                 .push((self.id, self.notify.clone()));
             self.watching.push(key.to_vec());
+            let log_reaches_mark = routes
+                .recent
+                .front()
+                .is_none_or(|(seq, _)| *seq <= since + 1);
+            let missed = routes
+                .recent
+                .iter()
+                .any(|(seq, deleted)| *seq > since && deleted.as_slice() == *key);
+            wake |= missed || !log_reaches_mark;
         }
-        let log_reaches_mark = routes
-            .recent
-            .front()
-            .is_none_or(|(seq, _)| *seq <= mark + 1);
-        let missed = routes
-            .recent
-            .iter()
-            .any(|(seq, key)| *seq > mark && keys.contains(&key.as_slice()));
-        if missed || !log_reaches_mark {
+        if wake {
             self.notify.notify_one();
         }
     }
@@ -149,13 +174,15 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let mut locks = self.wakeups.routes();
-        let Some(routes) = locks.get_mut(&self.queue) else {
-            return;
-        };
-        routes.forget(self.id, &self.watching);
-        routes.subscribers -= 1;
-        if routes.subscribers == 0 {
-            locks.remove(&self.queue);
+        for lock in &self.locks {
+            let Some(routes) = locks.get_mut(lock) else {
+                continue;
+            };
+            routes.forget(self.id, &self.watching);
+            routes.subscribers -= 1;
+            if routes.subscribers == 0 {
+                locks.remove(lock);
+            }
         }
     }
 }
@@ -167,15 +194,23 @@ impl Wakeups {
         self.inner.locks.lock().expect("wakeups lock poisoned")
     }
 
-    /// Subscribes to deletions in the queue at `queue_prefix`; call [`Subscription::watch`] to
-    /// say which keys matter.
-    pub fn subscribe(&self, queue_prefix: &str) -> Subscription {
-        let queue = queue_prefix.as_bytes().to_vec();
-        self.routes().entry(queue.clone()).or_default().subscribers += 1;
+    /// Subscribes to deletions of the locks at `lock_prefixes` (`P/locks/{name}/` each); call
+    /// [`Subscription::watch`] to say which keys matter.
+    pub fn subscribe(&self, lock_prefixes: &[String]) -> Subscription {
+        let locks: Vec<Vec<u8>> = lock_prefixes
+            .iter()
+            .map(|p| p.as_bytes().to_vec())
+            .collect();
+        {
+            let mut routes = self.routes();
+            for lock in &locks {
+                routes.entry(lock.clone()).or_default().subscribers += 1;
+            }
+        }
         let mut generation = self.inner.generation.subscribe();
         generation.mark_unchanged();
         Subscription {
-            queue,
+            locks,
             id: self
                 .inner
                 .next_id
@@ -189,11 +224,11 @@ impl Wakeups {
 
     /// Routes a deletion to the waiters watching that key, and logs it for late registrations.
     fn deliver(&self, key: &[u8]) {
-        let Some(queue) = KeySchema::queue_of_waiter_key(key) else {
+        let Some(lock) = KeySchema::lock_of_key(key) else {
             return;
         };
         let mut locks = self.routes();
-        let Some(routes) = locks.get_mut(queue) else {
+        let Some(routes) = locks.get_mut(lock) else {
             return; // nobody waits for this lock here
         };
         routes.seq += 1;
@@ -300,6 +335,9 @@ mod tests {
 
     const A0: &[u8] = b"/p/locks/a/q/0000000000000001";
     const A1: &[u8] = b"/p/locks/a/q/0000000000000002";
+    const B0: &[u8] = b"/p/locks/b/x/0000000000000001";
+    const LOCK_A: &str = "/p/locks/a/";
+    const LOCK_B: &str = "/p/locks/b/";
 
     async fn woken(sub: &mut Subscription) -> bool {
         tokio::time::timeout(Duration::from_millis(20), sub.next())
@@ -310,13 +348,13 @@ mod tests {
     #[tokio::test]
     async fn a_deletion_wakes_only_who_watches_it() {
         let wakeups = Wakeups::default();
-        let mut first = wakeups.subscribe("/p/locks/a/q/");
-        let mut second = wakeups.subscribe("/p/locks/a/q/");
-        let mut other_lock = wakeups.subscribe("/p/locks/a%2Fb/q/");
+        let mut first = wakeups.subscribe(&[LOCK_A.into()]);
+        let mut second = wakeups.subscribe(&[LOCK_A.into()]);
+        let mut other_lock = wakeups.subscribe(&["/p/locks/a%2Fb/".into()]);
         let (m1, m2) = (first.mark(), second.mark());
-        first.watch(&[A0], m1);
-        second.watch(&[A1], m2);
-        other_lock.watch(&[A0], 0);
+        first.watch(&[A0], &m1);
+        second.watch(&[A1], &m2);
+        other_lock.watch(&[A0], &Mark::default());
         wakeups.deliver(A0);
         assert!(woken(&mut first).await);
         assert!(!woken(&mut second).await, "not its predecessor");
@@ -329,32 +367,32 @@ mod tests {
     #[tokio::test]
     async fn a_deletion_between_read_and_registration_is_not_missed() {
         let wakeups = Wakeups::default();
-        let mut sub = wakeups.subscribe("/p/locks/a/q/");
+        let mut sub = wakeups.subscribe(&[LOCK_A.into()]);
         let mark = sub.mark(); // before the read
         wakeups.deliver(A0); // after the read, before we registered
-        sub.watch(&[A0], mark);
+        sub.watch(&[A0], &mark);
         assert!(woken(&mut sub).await);
     }
 
     #[tokio::test]
     async fn deletions_before_the_mark_are_ignored() {
         let wakeups = Wakeups::default();
-        let mut sub = wakeups.subscribe("/p/locks/a/q/");
+        let mut sub = wakeups.subscribe(&[LOCK_A.into()]);
         wakeups.deliver(A0); // the read will already have seen this
         let mark = sub.mark();
-        sub.watch(&[A0], mark);
+        sub.watch(&[A0], &mark);
         assert!(!woken(&mut sub).await);
     }
 
     #[tokio::test]
     async fn a_log_that_no_longer_reaches_the_mark_means_recheck() {
         let wakeups = Wakeups::default();
-        let mut sub = wakeups.subscribe("/p/locks/a/q/");
+        let mut sub = wakeups.subscribe(&[LOCK_A.into()]);
         let mark = sub.mark();
         for i in 0..(RECENT_DELETIONS + 2) {
             wakeups.deliver(format!("/p/locks/a/q/{i:016x}x").as_bytes());
         }
-        sub.watch(&[A0], mark);
+        sub.watch(&[A0], &mark);
         assert!(
             woken(&mut sub).await,
             "missed deletions may have included ours"
@@ -364,9 +402,9 @@ mod tests {
     #[tokio::test]
     async fn rewatching_replaces_the_keys() {
         let wakeups = Wakeups::default();
-        let mut sub = wakeups.subscribe("/p/locks/a/q/");
-        sub.watch(&[A0], sub.mark());
-        sub.watch(&[A1], sub.mark());
+        let mut sub = wakeups.subscribe(&[LOCK_A.into()]);
+        sub.watch(&[A0], &sub.mark());
+        sub.watch(&[A1], &sub.mark());
         wakeups.deliver(A0);
         assert!(!woken(&mut sub).await, "A0 is no longer watched");
         wakeups.deliver(A1);
@@ -376,22 +414,36 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_last_subscriber_forgets_the_lock() {
         let wakeups = Wakeups::default();
-        let mut first = wakeups.subscribe("/p/locks/a/q/");
-        let second = wakeups.subscribe("/p/locks/a/q/");
-        first.watch(&[A0], 0);
+        let mut first = wakeups.subscribe(&[LOCK_A.into()]);
+        let second = wakeups.subscribe(&[LOCK_A.into()]);
+        first.watch(&[A0], &Mark::default());
         drop(first);
         {
             let locks = wakeups.inner.locks.lock().unwrap();
-            assert!(locks[b"/p/locks/a/q/".as_slice()].interested.is_empty());
+            assert!(locks[LOCK_A.as_bytes()].interested.is_empty());
         }
         drop(second);
         assert!(wakeups.inner.locks.lock().unwrap().is_empty());
     }
 
     #[tokio::test]
+    async fn one_subscription_watches_keys_of_several_locks() {
+        let wakeups = Wakeups::default();
+        let mut group = wakeups.subscribe(&[LOCK_A.into(), LOCK_B.into()]);
+        let mark = group.mark();
+        group.watch(&[A0, B0], &mark);
+        wakeups.deliver(A1);
+        assert!(!woken(&mut group).await, "not watched");
+        wakeups.deliver(B0);
+        assert!(woken(&mut group).await, "an exclusive key of lock b");
+        drop(group);
+        assert!(wakeups.inner.locks.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
     async fn a_new_watch_generation_means_resync() {
         let wakeups = Wakeups::default();
-        let mut sub = wakeups.subscribe("/p/locks/a/q/");
+        let mut sub = wakeups.subscribe(&[LOCK_A.into()]);
         wakeups.inner.generation.send_modify(|g| *g += 1);
         assert_eq!(sub.next().await, Wakeup::Resync);
     }

@@ -8,7 +8,8 @@
 //! the timing instead: while a delay is set, every chunk the client sends reaches the member that
 //! much later, *in order and with the same spacing*, so a request times out at the client, then
 //! reaches etcd (and is applied) before the cancellation that followed it. Answers flow back at
-//! once.
+//! once, unless an answer delay is set: then the server has acted and answered, and the client
+//! gives up before it hears (the way to abandon a request *after* it was granted).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use tokio::time::Instant;
 pub struct DelayProxy {
     addr: SocketAddr,
     delay_ms: Arc<AtomicU64>,
+    answer_delay_ms: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -38,16 +40,17 @@ impl DelayProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let delay_ms = Arc::new(AtomicU64::new(0));
+        let answer_delay_ms = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn({
-            let delay_ms = delay_ms.clone();
+            let (delay_ms, answer_delay_ms) = (delay_ms.clone(), answer_delay_ms.clone());
             async move {
                 while let Ok((client, _)) = listener.accept().await {
-                    let delay_ms = delay_ms.clone();
+                    let (delay_ms, answer_delay_ms) = (delay_ms.clone(), answer_delay_ms.clone());
                     tokio::spawn(async move {
                         if let Ok(server) = TcpStream::connect(target).await {
                             let _ = client.set_nodelay(true);
                             let _ = server.set_nodelay(true);
-                            relay(client, server, delay_ms).await;
+                            relay(client, server, delay_ms, answer_delay_ms).await;
                         }
                     });
                 }
@@ -56,6 +59,7 @@ impl DelayProxy {
         Ok(Self {
             addr,
             delay_ms,
+            answer_delay_ms,
             task,
         })
     }
@@ -69,6 +73,12 @@ impl DelayProxy {
     /// held keep their delay.
     pub fn set_delay(&self, delay: Duration) {
         self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// From now on, bytes the server sends reach the client `delay` later (zero: at once).
+    pub fn set_answer_delay(&self, delay: Duration) {
+        self.answer_delay_ms
             .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 }
@@ -86,10 +96,15 @@ impl Drop for DelayProxy {
 /// later, so the proxy waits before passing the hang-up on.
 const LINGER: Duration = Duration::from_secs(2);
 
-/// Relays one connection: client → server through a delay line, server → client at once. When
-/// the client hangs up, what it sent before is still delivered, at its time, as a stalled member
-/// would still read it.
-async fn relay(client: TcpStream, server: TcpStream, delay_ms: Arc<AtomicU64>) {
+/// Relays one connection: client → server through a delay line, server → client after the answer
+/// delay (at once by default). When the client hangs up, what it sent before is still delivered,
+/// at its time, as a stalled member would still read it.
+async fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    delay_ms: Arc<AtomicU64>,
+    answer_delay_ms: Arc<AtomicU64>,
+) {
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
     let (line, mut due) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
@@ -116,7 +131,19 @@ async fn relay(client: TcpStream, server: TcpStream, delay_ms: Arc<AtomicU64>) {
         let _ = server_write.shutdown().await;
     });
     let outbound = tokio::spawn(async move {
-        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = server_read.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let delay = Duration::from_millis(answer_delay_ms.load(Ordering::SeqCst));
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if client_write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
         let _ = client_write.shutdown().await;
     });
     let _ = inbound.await;

@@ -6,6 +6,8 @@
 //! - [`TestServer`]: a `leasehold-server` in this process, on a free port.
 //! - [`ServerProcess`]: a `leasehold-server` as a child process, for `kill -9` and `SIGTERM`.
 //! - [`Api`]: a small JSON-over-HTTP helper for black-box assertions.
+//! - [`delay::DelayProxy`] (requests that land late) and [`cut::CutProxy`] (a link cut and
+//!   restored at will), TCP proxies for fault tests.
 //!
 //! Everything started here is killed when its handle drops, including when a test panics.
 //! etcd comes from `LEASEHOLD_ETCD_BIN`, else `etcd` on `PATH`.
@@ -21,6 +23,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cut;
 pub mod delay;
 pub mod history;
 pub mod nemesis;
@@ -51,12 +54,42 @@ macro_rules! server_bin {
     };
 }
 
+/// The path of the `leasehold` CLI under test (`test-leasehold-cli`, a binary of this crate that
+/// runs `leasehold::cli::main`), or `LEASEHOLD_CLI_BIN` if set: run a suite against another
+/// build (e.g. the previous one, to see a regression test fail). Only usable from this crate's
+/// integration tests.
+#[macro_export]
+macro_rules! cli_bin {
+    () => {
+        std::env::var_os("LEASEHOLD_CLI_BIN")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_test-leasehold-cli")))
+    };
+}
+
 /// Installs a test log subscriber once (`RUST_LOG` filters; off by default).
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
+}
+
+/// Reports that a check did not run (a `LEASEHOLD_SKIP_*` variable allowed its missing tool):
+/// on stderr, and appended as one line to the file `LEASEHOLD_SKIP_LOG` names, if set.
+/// `scripts/test` sets it and prints the file at the end of its output, so a skip shows even
+/// when the test passed and its output was captured.
+pub fn report_skip(what: &str) {
+    use std::io::Write;
+    eprintln!("!!! SKIPPED: {what}");
+    if let Some(path) = std::env::var_os("LEASEHOLD_SKIP_LOG")
+        && let Ok(mut log) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    {
+        let _ = writeln!(log, "{what}");
+    }
 }
 
 /// A free TCP port on 127.0.0.1 (bound then released; a collision is unlikely, not impossible).
@@ -605,13 +638,22 @@ impl ServerProcess {
 
     /// Peak resident memory so far (`VmHWM`), in KiB.
     pub fn peak_rss_kib(&self) -> Result<u64> {
+        self.status_kib("VmHWM:")
+    }
+
+    /// Resident memory now (`VmRSS`), in KiB.
+    pub fn rss_kib(&self) -> Result<u64> {
+        self.status_kib("VmRSS:")
+    }
+
+    fn status_kib(&self, field: &str) -> Result<u64> {
         let pid = self.pid().context("not running")?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmHWM in /proc/PID/status")
+            .with_context(|| format!("no {field} in /proc/PID/status"))
     }
 
     /// `kill -9`: no clean-up runs.
@@ -620,6 +662,17 @@ impl ServerProcess {
             child.kill().await?;
         }
         Ok(())
+    }
+
+    /// `SIGSTOP`: the process keeps its socket (the kernel still accepts connections) but
+    /// answers nothing, as a hung replica does.
+    pub fn pause(&self) -> Result<()> {
+        signal(self.child.as_ref().context("not running")?, Signal::SIGSTOP)
+    }
+
+    /// `SIGCONT` after [`ServerProcess::pause`].
+    pub fn resume(&self) -> Result<()> {
+        signal(self.child.as_ref().context("not running")?, Signal::SIGCONT)
     }
 
     /// `SIGTERM`, then waits for the exit status.
@@ -744,13 +797,15 @@ impl Api {
             let id = rest.split('/').next().unwrap_or_default();
             return handles.by_lease.get(id).cloned();
         }
-        let rest = path.strip_prefix("/v1/locks/")?;
+        let rest = path
+            .strip_prefix("/v1/locks/")
+            .or_else(|| path.strip_prefix("/v1/elections/"))?;
         let (name, action) = rest.rsplit_once('/')?;
         let name = decoded(name);
         let body = body?;
         let lease = match action {
-            "acquire" => body["lease_id"].as_str()?.to_owned(),
-            "release" | "renew" => handles
+            "acquire" | "campaign" => body["lease_id"].as_str()?.to_owned(),
+            "release" | "renew" | "resign" => handles
                 .by_hold
                 .get(&(name, body["token"].as_u64()?))?
                 .clone(),
@@ -769,9 +824,11 @@ impl Api {
         if let Some(handle) = answer["handle"].as_str() {
             handles.by_lease.insert(lease.to_owned(), handle.to_owned());
         }
-        if let (Some(rest), Some(token)) =
-            (path.strip_prefix("/v1/locks/"), answer["token"].as_u64())
-            && let Some((name, "acquire")) = rest.rsplit_once('/')
+        let rest = path
+            .strip_prefix("/v1/locks/")
+            .or_else(|| path.strip_prefix("/v1/elections/"));
+        if let (Some(rest), Some(token)) = (rest, answer["token"].as_u64())
+            && let Some((name, "acquire" | "campaign")) = rest.rsplit_once('/')
         {
             handles
                 .by_hold
@@ -794,9 +851,30 @@ impl Api {
         if let Some(token) = &self.bearer {
             request = request.bearer_auth(token);
         }
-        let (status, answer) = Self::answer(request.send().await?).await?;
-        Self::remember(path, status, &answer);
-        Ok((status, answer))
+        // A shed request (503 overloaded) did nothing: retry it after a jittered Retry-After, as
+        // every well-behaved client does, for up to half a minute.
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut attempt = 0u32;
+        loop {
+            let retry = request.try_clone();
+            let (status, answer) = Self::answer(request.send().await?).await?;
+            match retry {
+                Some(again)
+                    if status == 503
+                        && answer["error"]["code"] == "overloaded"
+                        && tokio::time::Instant::now() < give_up =>
+                {
+                    attempt += 1;
+                    let jitter = u64::from(attempt.wrapping_mul(2_654_435_761) % 900) + 100;
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                    request = again;
+                }
+                _ => {
+                    Self::remember(path, status, &answer);
+                    return Ok((status, answer));
+                }
+            }
+        }
     }
 
     /// `POST path` with a JSON body and an explicit handle (or none), remembering nothing.
@@ -881,6 +959,40 @@ impl Api {
             serde_json::json!({"ttl": ttl, "wait": wait}),
         )
         .await
+    }
+
+    /// Waits (up to 10 s) until lock `name` has a holder; returns the holder's lease id.
+    pub async fn wait_for_holder(&self, name: &str) -> Result<String> {
+        let status = self
+            .wait_for_lock(name, |s| s["holder"]["lease_id"].is_string())
+            .await?;
+        Ok(status["holder"]["lease_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    /// Waits (up to 10 s) until `n` waiters queue behind the holder of lock `name`.
+    pub async fn wait_for_waiters(&self, name: &str, n: u64) -> Result<()> {
+        self.wait_for_lock(name, |s| s["waiters"] == n)
+            .await
+            .map(drop)
+    }
+
+    /// Polls lock `name`'s status (every 20 ms, up to 10 s) until `done` says so; returns it.
+    pub async fn wait_for_lock(&self, name: &str, done: impl Fn(&Value) -> bool) -> Result<Value> {
+        let path = format!("/v1/locks/{}", encode(name));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, status) = self.get(&path).await?;
+            if done(&status) {
+                return Ok(status);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("lock {name:?} never reached the expected state: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Grants a lease; returns its id.

@@ -10,7 +10,7 @@ use tokio::process::Command;
 use tokio::time::Instant;
 
 fn cli(server: &TestServer) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_test-leasehold-cli"));
+    let mut command = Command::new(leasehold_tests::cli_bin!());
     command
         .env("LEASEHOLD_ENDPOINTS", server.url())
         .kill_on_drop(true);
@@ -110,21 +110,25 @@ async fn exit_codes_and_environment() -> Result<()> {
     Ok(())
 }
 
-/// Revoking the lease out of band while CMD runs gets CMD (and its children) terminated
-/// within the TTL, and `leasehold` exits with the documented code 76.
+/// Revoking the lease out of band while CMD runs gets CMD and its children terminated within
+/// the TTL (checked by their process ids: both are gone), and `leasehold` exits with the
+/// documented code 76.
 #[tokio::test]
 async fn lost_hold_kills_the_command_promptly() -> Result<()> {
     let etcd = EtcdCluster::start(1).await?;
     let server = TestServer::start(&etcd).await?;
     let api = Api::new(server.url());
     let dir = tempfile::tempdir()?;
-    let marker = dir.path().join("finished");
+    let pids_file = dir.path().join("pids");
     let handle_file = dir.path().join("handle");
-    // CMD gets the lease's handle in its environment: it hands it to this test, which revokes.
+    // CMD (a shell) starts a child and writes both process ids, then waits for the child. It
+    // also hands the lease's handle (from its environment) to this test, which revokes. The
+    // child's output goes elsewhere, so that a child left running does not hold leasehold's
+    // stderr open: it is found by its pid.
     let script = format!(
-        "echo $LEASEHOLD_HANDLE > {}; sleep 20; touch {}",
-        handle_file.display(),
-        marker.display()
+        "sleep 30 >/dev/null 2>&1 & echo $$ $! > {pids}.tmp && mv {pids}.tmp {pids}; echo $LEASEHOLD_HANDLE > {handle}; wait",
+        pids = pids_file.display(),
+        handle = handle_file.display(),
     );
     let child = cli(&server)
         .args([
@@ -133,7 +137,7 @@ async fn lost_hold_kills_the_command_promptly() -> Result<()> {
             "--ttl",
             "2s",
             "--kill-grace",
-            "1s",
+            "0.5s",
             "--",
             "sh",
             "-c",
@@ -141,13 +145,20 @@ async fn lost_hold_kills_the_command_promptly() -> Result<()> {
         ])
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let lease = wait_for_holder(&api, "victim").await?;
-    let handle = loop {
-        match std::fs::read_to_string(&handle_file) {
-            Ok(text) if text.ends_with('\n') => break text.trim().to_owned(),
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
+    let lease = api.wait_for_holder("victim").await?;
+    let handle = wait_for_line(&handle_file).await?;
+    let pids: Vec<i32> = wait_for_line(&pids_file)
+        .await?
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    anyhow::ensure!(pids.len() == 2, "pids: {pids:?}");
+    for &pid in &pids {
+        anyhow::ensure!(
+            is_alive(pid),
+            "process {pid} is not running before the revoke"
+        );
+    }
     Api::remember_handle(&lease, &handle);
     let (status, _) = api.delete(&format!("/v1/leases/{lease}")).await?;
     assert_eq!(status, 204);
@@ -163,19 +174,49 @@ async fn lost_hold_kills_the_command_promptly() -> Result<()> {
     assert_eq!(output.status.code(), Some(76), "{output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("lost lock \"victim\""), "{stderr}");
-    assert!(!Path::new(&marker).exists());
+    // CMD (the shell) and its child (`sleep 30`) are both gone: not running, at most a zombie
+    // nobody has reaped yet.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while pids.iter().any(|&pid| is_alive(pid)) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "still running after leasehold exited: {:?}",
+            pids.iter()
+                .filter(|&&pid| is_alive(pid))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     Ok(())
 }
 
-async fn wait_for_holder(api: &Api, name: &str) -> Result<String> {
+/// True if process `pid` exists and is not a zombie.
+fn is_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses: `pid (comm) S ...`.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// The first line of `path` once it has been written completely (ends with a newline).
+async fn wait_for_line(path: &Path) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, status) = api.get(&format!("/v1/locks/{name}")).await?;
-        if let Some(lease) = status["holder"]["lease_id"].as_str() {
-            return Ok(lease.to_owned());
+        match std::fs::read_to_string(path) {
+            Ok(text) if text.ends_with('\n') => return Ok(text.trim().to_owned()),
+            _ => {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "{} was never written",
+                    path.display()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
-        anyhow::ensure!(Instant::now() < deadline, "never held: {status}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -264,5 +305,276 @@ async fn lease_status_and_release_commands() -> Result<()> {
             .status
             .success()
     );
+    Ok(())
+}
+
+/// The habits of `flock`, `etcdctl lock` and `consul lock`: CMD right after the name (no `--`),
+/// or `-c STRING` run by `sh`; `-n` fails at once, `-w SECONDS` bounds the wait, `-E CODE` picks
+/// the conflict exit code; by default the wait has no limit: it outlasts the server's
+/// `--max-wait` (2 s here) by chaining requests, keeps its one place in line, and is granted
+/// when the holder lets go.
+#[tokio::test]
+async fn waits_like_flock() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = leasehold_tests::ServerProcess::spawn(
+        &leasehold_tests::server_bin!(),
+        &etcd.endpoints(),
+        &["--max-wait", "2s"],
+    )
+    .await?;
+    let api = Api::new(server.url());
+    let dir = tempfile::tempdir()?;
+    let marker = dir.path().join("ran");
+    let touch = format!("touch {}", marker.display());
+    let cli = || {
+        let mut command = Command::new(leasehold_tests::cli_bin!());
+        command
+            .env("LEASEHOLD_ENDPOINTS", server.url())
+            .kill_on_drop(true);
+        command
+    };
+
+    let output = cli().args(["lock", "free", "echo", "ran"]).output().await?;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "ran\n");
+    let output = cli()
+        .args(["lock", "free", "-c", "echo $LEASEHOLD_LOCK"])
+        .output()
+        .await?;
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "free\n",
+        "{output:?}"
+    );
+
+    let (status, held) = api.acquire_ttl("busy", "30s", "0s").await?;
+    assert_eq!(status, 200, "{held}");
+    let started = Instant::now();
+    let output = cli()
+        .args(["lock", "-n", "busy", "sh", "-c", &touch])
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(75), "{output:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let output = cli()
+        .args(["lock", "-n", "-E", "0", "busy", "sh", "-c", &touch])
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(0), "-E 0: {output:?}");
+    assert!(!marker.exists(), "CMD ran without the lock");
+    let started = Instant::now();
+    let output = cli()
+        .args(["lock", "-w", "1", "busy", "true"])
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(75), "{output:?}");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+
+    // No --wait: as long as it takes, across several of the server's 2 s waits.
+    let waiting = cli()
+        .args(["lock", "busy", "sh", "-c", &touch])
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let queued_at = Instant::now();
+    while queued_at.elapsed() < Duration::from_secs(5) {
+        let (_, status) = api.get("/v1/locks/busy").await?;
+        assert_eq!(status["holder"]["token"], held["token"], "{status}");
+        anyhow::ensure!(
+            status["waiters"] == 1 || queued_at.elapsed() < Duration::from_secs(1),
+            "the waiter left the line (or queued twice): {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!marker.exists());
+    let (status, body) = api
+        .post(
+            "/v1/locks/busy/release",
+            serde_json::json!({"token": held["token"]}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    let output = tokio::time::timeout(Duration::from_secs(10), waiting.wait_with_output())
+        .await
+        .context("the waiter was not granted")??;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert!(marker.exists());
+
+    // `--wait forever` says the same explicitly; `--timeout` is flock's spelling of -w.
+    let output = cli()
+        .args(["lock", "--wait", "forever", "free", "true"])
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let output = cli()
+        .args(["lock", "--timeout", "0.5", "free", "true"])
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    Ok(())
+}
+
+/// `--output json` covers every command: results on stdout, errors on stderr (with their stable
+/// code and the exit code), and `lock` reports its grant (token, lease) and its end on stderr,
+/// leaving stdout to CMD. Endpoints may be bare `host:port`; lease ids are checked before
+/// anything is sent; revoking a lease twice succeeds twice.
+#[tokio::test]
+async fn json_output_bare_endpoints_and_checked_ids() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = TestServer::start(&etcd).await?;
+    let api = Api::new(server.url());
+    let bare = server.url().trim_start_matches("http://").to_owned();
+    let json_cli = || {
+        let mut command = Command::new(leasehold_tests::cli_bin!());
+        command
+            .args(["--endpoints", &bare, "--output", "json"])
+            .kill_on_drop(true);
+        command
+    };
+    let lines = |bytes: &[u8]| -> Result<Vec<serde_json::Value>> {
+        String::from_utf8_lossy(bytes)
+            .lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
+            .collect()
+    };
+
+    let output = json_cli()
+        .args(["lock", "job", "sh", "-c", "echo cmd-output"])
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "cmd-output\n");
+    let events = lines(&output.stderr)?;
+    assert_eq!(events[0]["event"], "acquired", "{events:?}");
+    assert_eq!(events[0]["name"], "job");
+    assert!(events[0]["token"].is_u64(), "{events:?}");
+    assert!(events[0]["lease_id"].is_string(), "{events:?}");
+    assert_eq!(events.last().context("events")?["event"], "released");
+
+    let (status, held) = api.acquire_ttl("job", "30s", "0s").await?;
+    assert_eq!(status, 200, "{held}");
+    let output = json_cli()
+        .args(["lock", "-n", "job", "true"])
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(75), "{output:?}");
+    let error = &lines(&output.stderr)?[0];
+    assert_eq!(error["error"]["code"], "lock_held", "{error}");
+    assert_eq!(error["error"]["holder"]["token"], held["token"], "{error}");
+    assert_eq!(error["exit_code"], 75);
+
+    let output = json_cli().args(["status", "job"]).output().await?;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert_eq!(lines(&output.stdout)?[0]["holder"]["token"], held["token"]);
+
+    let output = json_cli()
+        .args(["lease", "show", "../../healthz"])
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert_eq!(lines(&output.stderr)?[0]["error"]["code"], "usage");
+
+    let granted = json_cli()
+        .args(["lease", "grant", "--ttl", "30s"])
+        .output()
+        .await?;
+    let granted = &lines(&granted.stdout)?[0];
+    let (id, handle) = (
+        granted["lease_id"].as_str().context("lease_id")?,
+        granted["handle"].as_str().context("handle")?,
+    );
+    for _ in 0..2 {
+        let output = json_cli()
+            .args(["lease", "revoke", id])
+            .env("LEASEHOLD_HANDLE", handle)
+            .output()
+            .await?;
+        assert_eq!(output.status.code(), Some(0), "{output:?}");
+        assert_eq!(lines(&output.stdout)?[0]["revoked"], true);
+    }
+    let output = json_cli().args(["lease", "show", id]).output().await?;
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let error = &lines(&output.stderr)?[0];
+    assert_eq!(error["error"]["code"], "lease_not_found", "{error}");
+    assert_eq!(error["exit_code"], 1);
+
+    let output = Command::new(leasehold_tests::cli_bin!())
+        .args([
+            "--endpoints",
+            &format!("127.0.0.1:{}", leasehold_tests::free_port()?),
+        ])
+        .args(["--output", "json", "status", "job"])
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(69), "{output:?}");
+    assert_eq!(lines(&output.stderr)?[0]["error"]["code"], "transport");
+    Ok(())
+}
+
+/// `lock --lease ID` holds the lock under a lease granted before (its handle from
+/// `LEASEHOLD_HANDLE`), keeps the lease alive while CMD runs, releases the lock at the end and
+/// leaves the lease alive for its owner.
+#[tokio::test]
+async fn lock_under_an_existing_lease() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = TestServer::start(&etcd).await?;
+    let api = Api::new(server.url());
+    let granted = run(
+        &server,
+        &["--output", "json", "lease", "grant", "--ttl", "2s"],
+    )
+    .await?;
+    let granted: serde_json::Value = serde_json::from_slice(&granted.stdout)?;
+    let (id, handle) = (
+        granted["lease_id"].as_str().context("lease_id")?,
+        granted["handle"].as_str().context("handle")?,
+    );
+    Api::remember_handle(id, handle);
+    // CMD outlives the 2 s TTL: leasehold keeps the lease alive meanwhile.
+    let output = cli(&server)
+        .args(["lock", "--lease", id, "step", "sh", "-c"])
+        .arg("sleep 3; echo $LEASEHOLD_LEASE_ID")
+        .env("LEASEHOLD_HANDLE", handle)
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), id);
+    let (_, lock) = api.get("/v1/locks/step").await?;
+    assert!(lock["holder"].is_null(), "released at the end: {lock}");
+    let (status, lease) = api.get(&format!("/v1/leases/{id}")).await?;
+    assert_eq!(status, 200, "the caller's lease is left alive: {lease}");
+
+    let output = run(&server, &["lock", "--lease", id, "step", "true"]).await?;
+    assert_eq!(output.status.code(), Some(1), "no handle: {output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("LEASEHOLD_HANDLE"));
+    Ok(())
+}
+
+/// `-v` shows on stderr what a run does in the background: the fail-over from a dead endpoint
+/// listed first, and each renewal.
+#[tokio::test]
+async fn verbose_shows_renewals_and_fail_overs() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = TestServer::start(&etcd).await?;
+    let dead = format!("http://127.0.0.1:{}", leasehold_tests::free_port()?);
+    let output = Command::new(leasehold_tests::cli_bin!())
+        .args(["--endpoints", &format!("{dead},{}", server.url()), "-v"])
+        .args(["lock", "--ttl", "2s", "chatty", "sleep", "1.6"])
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("attempt failed") && stderr.contains(&dead),
+        "no fail-over shown: {stderr}"
+    );
+    assert!(stderr.contains("answered after fail-over"), "{stderr}");
+    assert!(
+        stderr.matches("renewed").count() >= 2,
+        "renewals not shown: {stderr}"
+    );
+    // Without -v: quiet.
+    let quiet = run(&server, &["lock", "--ttl", "2s", "quiet", "true"]).await?;
+    assert!(quiet.stderr.is_empty(), "{quiet:?}");
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use leasehold::{Client, Error, LostReason};
+use leasehold_tests::delay::DelayProxy;
 use leasehold_tests::{Api, EtcdCluster, ServerProcess, TestServer};
 use tokio::time::Instant;
 
@@ -229,5 +230,82 @@ async fn detached_guard_holds_until_its_lease_expires() -> Result<()> {
         alice.renew("detached", token, &handle).await,
         Err(Error::NotHolder)
     ));
+    Ok(())
+}
+
+/// One guard per lock and lease: a second acquire of a lock this lease holds is refused with
+/// `AlreadyHeld` (the server would hand back the same hold, and releasing either guard would end
+/// both). After a guard is dropped, a new acquire under the lease waits for the drop's release,
+/// so that release cannot end the new hold.
+#[tokio::test]
+async fn one_guard_per_lock_and_lease() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = TestServer::start(&etcd).await?;
+    let client = Client::new(server.url())?;
+    let lease = client.grant_lease(TTL).await?;
+    let first = client.lock("once").lease(&lease).acquire().await?;
+    match client.lock("once").lease(&lease).acquire().await {
+        Err(Error::AlreadyHeld { name }) => assert_eq!(name, "once"),
+        other => panic!("expected AlreadyHeld, got {other:?}"),
+    }
+    assert!(first.is_held(), "the refused acquire ended the first guard");
+    // Another lease is another holder: ordinary contention.
+    assert!(matches!(
+        client.lock("once").ttl(TTL).try_acquire().await,
+        Err(Error::LockHeld { .. })
+    ));
+
+    drop(first);
+    let second = client.lock("once").lease(&lease).acquire().await?;
+    // Past the dropped guard's background release: the new hold stands, renewals confirm it.
+    tokio::time::sleep(TTL).await;
+    assert!(second.is_held());
+    client
+        .renew("once", second.token(), second.handle())
+        .await
+        .context("the new hold was ended by the old guard's release")?;
+    assert_eq!(
+        client.status("once").await?.holder.context("held")?.token,
+        second.token()
+    );
+    second.release().await?;
+    assert_eq!(client.status("once").await?.holder, None);
+    Ok(())
+}
+
+/// An acquire under a shared lease that is cancelled after the server granted it (the answer is
+/// held back by a proxy until the caller gave up) does not leave a hold nobody owns: the client
+/// releases it in the background, while the lease lives on. A new acquire of the lock under the
+/// same lease then works.
+#[tokio::test]
+async fn cancelled_acquire_under_a_shared_lease_releases_its_grant() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = TestServer::start(&etcd).await?;
+    let proxy = DelayProxy::start(&server.url()).await?;
+    let client = Client::new(proxy.url())?;
+    let lease = client.grant_lease(Duration::from_secs(10)).await?;
+    proxy.set_answer_delay(Duration::from_millis(1500));
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(500),
+        client.lock("abandoned").lease(&lease).try_acquire(),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the acquire was meant to be cut off");
+    // The clean-up's own answers are still held back here, so it cannot be over yet.
+    let api = Api::new(server.url());
+    let (_, status) = api.get("/v1/locks/abandoned").await?;
+    assert_eq!(
+        status["holder"]["lease_id"],
+        serde_json::json!(lease.id()),
+        "the server granted the cancelled acquire: {status}"
+    );
+    proxy.set_answer_delay(Duration::ZERO);
+    api.wait_for_lock("abandoned", |s| s["holder"].is_null())
+        .await
+        .context("the grant of the cancelled acquire was never released")?;
+    assert!(lease.is_alive());
+    let again = client.lock("abandoned").lease(&lease).try_acquire().await?;
+    assert!(again.is_held());
+    again.release().await?;
     Ok(())
 }

@@ -12,10 +12,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use leasehold_tests::history::{Kind, Op, Recorder, Summary};
+use leasehold_tests::delay::DelayProxy;
+use leasehold_tests::history::{Kind, Limits, Op, Recorder, Summary};
 use leasehold_tests::nemesis::{
-    FencedLedger, Replica, Rng, Workload, WorkloadConfig, brief, seed, urls, wait_no_holders,
-    written,
+    FencedLedger, Replica, Rng, Workload, WorkloadConfig, brief, observe_holders, seed, urls,
+    wait_no_holders, written,
 };
 use leasehold_tests::{EtcdCluster, server_bin};
 use nix::sys::signal::{Signal, kill};
@@ -36,6 +37,9 @@ const MARGIN: Duration = Duration::from_millis(250);
 struct Rig {
     etcd: EtcdCluster,
     servers: Vec<Replica>,
+    /// Staggered rigs: replica `i`'s first endpoint is `links[i]`, a delaying proxy to member
+    /// `i % 3`.
+    links: Vec<DelayProxy>,
     recorder: Recorder,
     ledger: FencedLedger,
     config: WorkloadConfig,
@@ -43,12 +47,40 @@ struct Rig {
 }
 
 impl Rig {
+    /// `servers` replicas on every member (in the same order, `--etcd-timeout 2s`).
     async fn start(servers: usize, clients: usize, locks: usize, seats: u32) -> Result<Self> {
+        Self::start_with(servers, clients, locks, seats, false).await
+    }
+
+    /// With `staggered`, three replicas with `--etcd-timeout 1s` whose first endpoint differs:
+    /// replica 0 has member 0 alone, replica 1 has members 1, 2, 0 and replica 2 has 2, 0, 1. So
+    /// whichever member stalls, some replica sends it its requests first (or only), gives up on
+    /// them after 1 s and answers 503, and the member applies them when it continues. Each
+    /// replica reaches its first member through a [`DelayProxy`] (`links`), which can hold its
+    /// requests back: a slow link instead of a stopped member, and deterministic lateness.
+    async fn start_with(
+        servers: usize,
+        clients: usize,
+        locks: usize,
+        seats: u32,
+        staggered: bool,
+    ) -> Result<Self> {
         leasehold_tests::init_logging();
         let etcd = EtcdCluster::start(3).await?;
         let mut replicas = Vec::new();
-        for _ in 0..servers {
-            replicas.push(Replica::spawn(&server_bin!(), &etcd.endpoints()).await?);
+        let mut links = Vec::new();
+        for i in 0..servers {
+            replicas.push(if staggered {
+                let link = DelayProxy::start(&etcd.endpoint(i % 3)).await?;
+                let mut endpoints = vec![link.url()];
+                if i % 3 != 0 {
+                    endpoints.extend((1..3).map(|m| etcd.endpoint((i + m) % 3)));
+                }
+                links.push(link);
+                Replica::spawn_with(&server_bin!(), &endpoints, &["--etcd-timeout", "1s"]).await?
+            } else {
+                Replica::spawn(&server_bin!(), &etcd.endpoints()).await?
+            });
         }
         let recorder = Recorder::new();
         let dir = tempfile::tempdir()?;
@@ -56,6 +88,7 @@ impl Rig {
         Ok(Self {
             etcd,
             servers: replicas,
+            links,
             recorder,
             ledger,
             config: WorkloadConfig::new(clients, locks),
@@ -99,7 +132,20 @@ impl Rig {
         let freed = wait_no_holders(&live, &locks, 2 * TTL + Duration::from_secs(2)).await?;
         let summary = match self.recorder.check() {
             Ok(summary) => summary,
-            Err(violations) => bail!("{test}: {violations}"),
+            Err(violations) => {
+                let path = std::env::temp_dir().join(format!("leasehold-history-{test}.txt"));
+                let lines: Vec<String> = self
+                    .recorder
+                    .events()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                std::fs::write(&path, lines.join("\n"))?;
+                bail!(
+                    "{test}: {violations}\n(the whole history: {})",
+                    path.display()
+                )
+            }
         };
         let audit = self.ledger.audit().await?;
         ensure!(
@@ -115,11 +161,93 @@ impl Rig {
 
 /// Successful grants that completed after `after` on the recorder's clock.
 fn grants_after(recorder: &Recorder, after: Duration) -> usize {
+    grants_to_after(recorder, after, |_| true)
+}
+
+/// Successful grants to clients `who` accepts that completed after `after`.
+fn grants_to_after(recorder: &Recorder, after: Duration, who: impl Fn(&str) -> bool) -> usize {
     recorder
         .events()
         .iter()
-        .filter(|e| e.at > after && matches!(e.kind, Kind::AcquireOk { .. }))
+        .filter(|e| e.at > after && matches!(e.kind, Kind::AcquireOk { .. }) && who(&e.client))
         .count()
+}
+
+/// Failed acquires whose outcome is unknown (503, transport error), invoked and completed
+/// within `from..to`.
+fn unavailable_within(recorder: &Recorder, from: Duration, to: Duration) -> usize {
+    let events = recorder.events();
+    let invoked: std::collections::HashMap<u64, Duration> = events
+        .iter()
+        .filter(|e| e.kind.is_invoke())
+        .map(|e| (e.op, e.at))
+        .collect();
+    events
+        .iter()
+        .filter(|e| {
+            matches!(&e.kind, Kind::AcquireFail { error } if error.starts_with("unavailable") || error == "transport")
+        })
+        .filter(|e| e.at <= to && invoked.get(&e.op).is_some_and(|at| *at >= from))
+        .count()
+}
+
+/// True if member `i` answers a status request within 1 s (a killed or stopped member does not).
+async fn answers(etcd: &EtcdCluster, i: usize) -> bool {
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(1))
+        .with_timeout(Duration::from_secs(1));
+    let status = async {
+        etcd_client::Client::connect([etcd.endpoint(i)], Some(options))
+            .await?
+            .status()
+            .await
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), status).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Waits until a running member other than `old` says it is the leader; returns it and how
+/// long that took.
+async fn wait_for_new_leader(
+    etcd: &EtcdCluster,
+    old: usize,
+    within: Duration,
+) -> Result<(usize, Duration)> {
+    let started = Instant::now();
+    loop {
+        if let Ok(leader) = etcd.leader().await
+            && leader != old
+        {
+            return Ok((leader, started.elapsed()));
+        }
+        if started.elapsed() >= within {
+            let mut seen = Vec::new();
+            for i in (0..etcd.size()).filter(|i| *i != old) {
+                let options =
+                    etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(2));
+                let status =
+                    match etcd_client::Client::connect([etcd.endpoint(i)], Some(options)).await {
+                        Ok(mut client) => client
+                            .status()
+                            .await
+                            .map(|s| {
+                                format!(
+                                    "{:?} leader {}",
+                                    s.header().map(|h| h.member_id()),
+                                    s.leader()
+                                )
+                            })
+                            .unwrap_or_else(|e| e.to_string()),
+                        Err(e) => e.to_string(),
+                    };
+                seen.push(format!("m{i}: {status}"));
+            }
+            bail!("no member but m{old} became leader within {within:?}: {seen:?}");
+        }
+        sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Waits until some grant completes after `after` (the service works again).
@@ -135,9 +263,10 @@ async fn wait_for_grant(recorder: &Recorder, after: Duration, within: Duration) 
     Ok(())
 }
 
-/// `kill -9` of one of three server replicas mid-run: clients fail over to the others and keep
-/// getting grants, the safety rules hold throughout, and once the clients stop no lock is left
-/// held (nothing the killed replica was doing becomes a phantom holder).
+/// `kill -9` of one of three server replicas mid-run: the clients that had it as their first
+/// endpoint fail over to the others and are granted again (each of them, counted from the
+/// history), the safety rules hold throughout, and once the clients stop no lock is left held
+/// (nothing the killed replica was doing becomes a phantom holder).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_server_replica() -> Result<()> {
     let _serial = SERIAL.lock().await;
@@ -146,22 +275,54 @@ async fn killed_server_replica() -> Result<()> {
     let run = rig.workload(seed)?;
     sleep(Duration::from_secs(3)).await;
     let victim = Rng::new(seed).below(rig.servers.len());
+    // Client c{i} prefers replica i % 3 (`Workload::start`): these sent everything to the
+    // victim first.
+    let its_clients: Vec<String> = (0..rig.config.clients)
+        .filter(|i| i % rig.servers.len() == victim)
+        .map(|i| format!("c{i}"))
+        .collect();
     rig.recorder
-        .fault_start(format!("kill -9 server {victim}"), false);
+        .server_kill_start(format!("kill -9 server {victim}"));
     rig.servers[victim].kill().await?;
     let killed_at = rig.recorder.now();
-    sleep(Duration::from_secs(5)).await;
+    let started = Instant::now();
+    loop {
+        let waiting: Vec<&String> = its_clients
+            .iter()
+            .filter(|c| grants_to_after(&rig.recorder, killed_at, |who| who == c.as_str()) == 0)
+            .collect();
+        if waiting.is_empty() {
+            break;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "clients of the killed replica {victim} were never granted again: {waiting:?}"
+        );
+        sleep(Duration::from_millis(100)).await;
+    }
+    let failed_over = started.elapsed();
+    sleep(Duration::from_secs(5).saturating_sub(failed_over)).await;
     run.stop().await?;
-    ensure!(
-        grants_after(&rig.recorder, killed_at) > 0,
-        "clients did not fail over"
-    );
+    let figures: Vec<String> = its_clients
+        .iter()
+        .map(|c| {
+            let n = grants_to_after(&rig.recorder, killed_at, |who| who == c.as_str());
+            format!("{c} {n}")
+        })
+        .collect();
     rig.finish("killed_server_replica", &[]).await?;
+    println!(
+        "killed_server_replica: grants after the kill to the killed replica's clients: {} (each within {failed_over:.1?})",
+        figures.join(", ")
+    );
     Ok(())
 }
 
-/// `kill -9` of the etcd leader mid-run, then its restart: grants pause while a new leader is
-/// elected (503s, failed acquires), the safety rules hold throughout, and grants resume.
+/// `kill -9` of the etcd leader mid-run, then its restart: the others elect a new leader
+/// (asserted: another member says it leads), the safety rules hold throughout (tokens grow across
+/// the leader change), and grants resume. Acquires answered 503 while there was no leader are
+/// counted and printed, not asserted: requests in flight on the killed member fail, but those
+/// that reach a follower wait for the election and mostly succeed (0 to 8 in 7 runs here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_etcd_leader() -> Result<()> {
     let _serial = SERIAL.lock().await;
@@ -173,17 +334,31 @@ async fn killed_etcd_leader() -> Result<()> {
     let fault = rig
         .recorder
         .fault_start(format!("kill -9 etcd leader m{leader}"), false);
+    let from = rig.recorder.now();
     rig.etcd.kill(leader).await?;
-    sleep(Duration::from_secs(5)).await;
+    ensure!(
+        !answers(&rig.etcd, leader).await,
+        "m{leader} still answers: the fault was not injected"
+    );
+    let (new_leader, elected_in) =
+        wait_for_new_leader(&rig.etcd, leader, Duration::from_secs(15)).await?;
+    sleep(Duration::from_secs(5).saturating_sub(elected_in)).await;
+    let to = rig.recorder.now();
     rig.etcd.restart(leader)?;
     rig.etcd.wait_ready(Duration::from_secs(30)).await?;
+    let unavailable = unavailable_within(&rig.recorder, from, to);
     rig.heal(&fault, run, "killed_etcd_leader").await?;
+    println!(
+        "killed_etcd_leader: m{leader} killed, m{new_leader} leader {elected_in:.1?} later; {unavailable} acquires answered 503 meanwhile"
+    );
     Ok(())
 }
 
 /// `SIGSTOP` of the etcd leader for longer than an election (a stalled node that keeps its
-/// sockets), then `SIGCONT`: the others elect a new leader, the stalled one steps down when it
-/// wakes, and no hold or token is ever doubled.
+/// sockets), then `SIGCONT`: the others elect a new leader (asserted: another member says it
+/// leads), the stalled one steps down when it wakes, and no hold or token is ever doubled. How
+/// many acquires were answered 503 meanwhile is printed, not asserted: the servers mostly route
+/// around the stalled member (often none).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_etcd_leader() -> Result<()> {
     let _serial = SERIAL.lock().await;
@@ -195,10 +370,22 @@ async fn paused_etcd_leader() -> Result<()> {
     let fault = rig
         .recorder
         .fault_start(format!("SIGSTOP etcd leader m{leader}"), false);
+    let from = rig.recorder.now();
     rig.etcd.pause(leader)?;
-    sleep(Duration::from_secs(5)).await;
+    ensure!(
+        !answers(&rig.etcd, leader).await,
+        "m{leader} still answers: the fault was not injected"
+    );
+    let (new_leader, elected_in) =
+        wait_for_new_leader(&rig.etcd, leader, Duration::from_secs(15)).await?;
+    sleep(Duration::from_secs(5).saturating_sub(elected_in)).await;
+    let to = rig.recorder.now();
     rig.etcd.resume(leader)?;
+    let unavailable = unavailable_within(&rig.recorder, from, to);
     rig.heal(&fault, run, "paused_etcd_leader").await?;
+    println!(
+        "paused_etcd_leader: m{leader} stopped, m{new_leader} leader {elected_in:.1?} later; {unavailable} acquires answered 503 meanwhile"
+    );
     Ok(())
 }
 
@@ -214,6 +401,11 @@ async fn quorum_loss_grants_nothing() -> Result<()> {
     sleep(Duration::from_secs(2)).await;
     let spared = Rng::new(seed).below(3);
     let (a, b) = ((spared + 1) % 3, (spared + 2) % 3);
+    // The whole disturbance, until etcd serves again (leases cannot expire before).
+    let outage = rig.recorder.fault_start(
+        format!("etcd m{a} and m{b} down until etcd is ready"),
+        false,
+    );
     rig.etcd.kill(a).await?;
     rig.etcd.kill(b).await?;
     // The window opens once both are dead: from here nothing may succeed.
@@ -225,6 +417,7 @@ async fn quorum_loss_grants_nothing() -> Result<()> {
     rig.recorder.fault_end(&fault); // closes before quorum can return
     rig.etcd.restart(a)?;
     rig.etcd.wait_ready(Duration::from_secs(30)).await?;
+    rig.recorder.fault_end(&outage);
     let healed = rig.recorder.now();
     wait_for_grant(&rig.recorder, healed, Duration::from_secs(20)).await?;
     rig.etcd.restart(b)?;
@@ -306,10 +499,13 @@ struct Stall {
 /// the stop, and its write. `None` if it got no grant (a busy lock, or etcd down).
 ///
 /// Its hold's end is its client timer's deadline, which it cannot move while stopped: the send
-/// time of its lease's grant + TTL - margin (a renewal confirmed before the stop would only make
-/// the real deadline later). That send happened within the successful acquire attempt, which
-/// the process times; the attempt's start is used, so the checker flags only grants that
-/// certainly came before the deadline.
+/// time of the last renewal confirmed before the stop (or of its lease's grant) + TTL - margin.
+/// The lease grant was sent within the successful acquire attempt, which the process times, and
+/// its first renewal is due a third of the TTL after that send. So if the stop came before the
+/// attempt's start + TTL/3, no renewal went out and the deadline is at most the attempt's end +
+/// TTL - margin; otherwise a renewal may have gone out just before the stop, and the stop is
+/// used. Either way the recorded end is never earlier than the real deadline, as for every
+/// running client (whose loss is recorded when noticed), so an overlap cannot hide behind it.
 async fn stall_a_client<F: std::future::Future<Output = Result<()>>>(
     rig: &Rig,
     lock: &str,
@@ -328,7 +524,7 @@ async fn stall_a_client<F: std::future::Future<Output = Result<()>>>(
             return Ok(None);
         }
     };
-    let granted_at = Instant::now();
+    let granted_at = Instant::now(); // after the attempt's end: the line is printed right after
     let (token, attempt) = granted
         .split_once(' ')
         .with_context(|| format!("granted {granted}"))?;
@@ -341,13 +537,18 @@ async fn stall_a_client<F: std::future::Future<Output = Result<()>>>(
         .recorder
         .fault_start(format!("SIGSTOP {me} holding {lock} token {token}"), false);
     let attempt_started = granted_at - Duration::from_millis(attempt);
+    let (last_send, why) = if stopped < attempt_started + TTL / 3 {
+        (granted_at, "attempt end + TTL - margin")
+    } else {
+        (stopped, "stop + TTL - margin (a renewal may have gone out)")
+    };
     rig.recorder.record_at(
-        rig.recorder.at((attempt_started + TTL - MARGIN).into_std()),
+        rig.recorder.at((last_send + TTL - MARGIN).into_std()),
         me,
         lock,
         Kind::HoldLost {
             token,
-            reason: "timer, while stopped: lease sent + TTL - margin".into(),
+            reason: format!("timer, while stopped: {why}"),
         },
     );
     during(token).await?;
@@ -357,7 +558,10 @@ async fn stall_a_client<F: std::future::Future<Output = Result<()>>>(
     let exclusive = rig.ledger.exclusive().await;
     process.signal(Signal::SIGCONT)?;
     rig.recorder.fault_end(&fault);
-    let write = rig.recorder.invoke(me, lock, Kind::WriteInvoke { token });
+    // It does not check its hold again: only fencing stands between it and the ledger.
+    let write = rig
+        .recorder
+        .invoke(me, lock, Kind::UncheckedWriteInvoke { token });
     let outcome = process.expect("outcome", Duration::from_secs(10)).await?;
     let kind = match outcome.as_str() {
         "accepted" => written(concert::SaleOutcome::Accepted, token),
@@ -444,38 +648,54 @@ async fn paused_client_late_write_is_rejected() -> Result<()> {
     Ok(())
 }
 
-/// A randomized nemesis from the seed, over one run of ~30 s: one fault after another, each
+/// A randomized nemesis from the seed, over one run of ~45 s: one fault after another, each
 /// healed before the next, drawn from server replica kills (restarted on the same port), etcd
-/// leader and member kills, etcd member pauses, quorum loss, and a stalled client process.
-/// Whatever the mix, the history passes every rule and no lock is left held.
+/// leader and member kills, etcd member stalls, held-back links, quorum loss, and a stalled
+/// client process.
+///
+/// The replicas are staggered ([`Rig::start_with`]): `--etcd-timeout 1s`, and each member is
+/// the first (for replica 0, the only) endpoint of some replica, reached through a delaying
+/// proxy. A member stall (`SIGSTOP` for 2-4 s, then `SIGCONT`; three draws in ten) makes some
+/// replica give up on requests it sent to that member and answer 503, and the member applies
+/// them when it continues if it read them before it was stopped (a race). A held-back link (two
+/// draws in ten) does the same deterministically: for 0.3-1.2 s, what one replica sends its first
+/// member reaches it 2-4 s later. Meanwhile the clients acquire, wait and give up, release,
+/// revoke session leases and read status, and retry on another replica as the crate does.
+///
+/// At the end the clients release everything but keep their session leases open; once the
+/// checker's clean-up bound has passed since the last fault healed, an observer reads every
+/// lock. Whatever the mix, the history passes every rule (including: no holder that no client
+/// was told of beyond its bound) and no lock is left held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn randomized_nemesis() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let seed = seed("randomized_nemesis");
     let mut rng = Rng::new(seed ^ 0x5eed);
-    let mut rig = Rig::start(3, 6, 3, 3).await?;
+    let mut rig = Rig::start_with(3, 6, 3, 3, true).await?;
     let run = rig.workload(seed)?;
     let started = Instant::now();
     let mut schedule = Vec::new();
+    let (mut stalls, mut late_links) = (0, 0);
     sleep(Duration::from_secs(1)).await;
-    while started.elapsed() < Duration::from_secs(30) {
+    while started.elapsed() < Duration::from_secs(45) {
         let hold = rng.between(Duration::from_millis(1000), Duration::from_millis(4000));
-        let choice = rng.below(6);
+        let choice = rng.below(10);
         let at = rig.recorder.now();
-        match choice {
+        let what = match choice {
             0 => {
                 let victim = rng.below(rig.servers.len());
                 let fault = rig
                     .recorder
-                    .fault_start(format!("kill -9 server {victim}"), false);
+                    .server_kill_start(format!("kill -9 server {victim}"));
                 rig.servers[victim].kill().await?;
                 sleep(hold).await;
                 rig.servers[victim].restart().await?;
                 rig.recorder.fault_end(&fault);
+                format!("server {victim} kill for {hold:.1?}")
             }
             1 | 2 => {
                 let victim = if choice == 1 {
-                    rig.etcd.leader().await.unwrap_or(0)
+                    rig.etcd.leader().await?
                 } else {
                     rng.below(3)
                 };
@@ -487,23 +707,64 @@ async fn randomized_nemesis() -> Result<()> {
                 rig.etcd.restart(victim)?;
                 rig.etcd.wait_ready(Duration::from_secs(30)).await?;
                 rig.recorder.fault_end(&fault);
+                let kind = if choice == 1 { "leader" } else { "member" };
+                format!("etcd {kind} m{victim} kill for {hold:.1?}")
             }
-            3 => {
+            3..=5 => {
+                // Longer than the replicas' 1 s etcd timeout: what they sent it lands late.
                 let victim = rng.below(3);
-                let fault = rig
-                    .recorder
-                    .fault_start(format!("SIGSTOP etcd m{victim}"), false);
+                let stall = rng.between(Duration::from_secs(2), Duration::from_secs(4));
+                let first_of: Vec<usize> =
+                    (0..rig.servers.len()).filter(|i| i % 3 == victim).collect();
+                let fault = rig.recorder.fault_start(
+                    format!("SIGSTOP etcd m{victim} (first endpoint of replicas {first_of:?})"),
+                    false,
+                );
                 rig.etcd.pause(victim)?;
-                sleep(hold).await;
+                sleep(stall).await;
                 rig.etcd.resume(victim)?;
                 rig.etcd.wait_ready(Duration::from_secs(30)).await?;
                 rig.recorder.fault_end(&fault);
+                stalls += 1;
+                format!(
+                    "etcd m{victim} stall for {stall:.1?} (first endpoint of replicas {first_of:?})"
+                )
             }
-            4 => {
+            6 | 7 => {
+                // A slow link: what one replica sends its first member for a moment arrives
+                // seconds later, after the replica gave up on it (1 s) and answered.
+                let replica = rng.below(rig.links.len());
+                let delay = rng.between(Duration::from_secs(2), Duration::from_secs(4));
+                let window = rng.between(Duration::from_millis(300), Duration::from_millis(1200));
+                let fault = rig.recorder.fault_start(
+                    format!(
+                        "requests from replica {replica} to m{} held back {delay:.1?} for {window:.1?}",
+                        replica % 3
+                    ),
+                    false,
+                );
+                rig.links[replica].set_delay(delay);
+                sleep(window).await;
+                rig.links[replica].set_delay(Duration::ZERO);
+                sleep(delay).await; // everything held back has landed
+                rig.recorder.fault_end(&fault);
+                late_links += 1;
+                format!(
+                    "replica {replica}'s requests to m{} held back {delay:.1?} for {window:.1?}",
+                    replica % 3
+                )
+            }
+            8 => {
                 let spared = rng.below(3);
                 let (a, b) = ((spared + 1) % 3, (spared + 2) % 3);
+                // The whole disturbance, until etcd serves again (leases cannot expire before).
+                let outage = rig.recorder.fault_start(
+                    format!("etcd m{a} and m{b} down until etcd is ready"),
+                    false,
+                );
                 rig.etcd.kill(a).await?;
                 rig.etcd.kill(b).await?;
+                // Inside it, the window in which nothing may succeed (rule 5).
                 let fault = rig
                     .recorder
                     .fault_start(format!("kill -9 etcd m{a} and m{b}"), true);
@@ -512,6 +773,8 @@ async fn randomized_nemesis() -> Result<()> {
                 rig.etcd.restart(a)?;
                 rig.etcd.restart(b)?;
                 rig.etcd.wait_ready(Duration::from_secs(30)).await?;
+                rig.recorder.fault_end(&outage);
+                format!("quorum loss for {hold:.1?}")
             }
             _ => {
                 // A stalled holder on a contended lock: the workload's clients take it over
@@ -522,39 +785,45 @@ async fn randomized_nemesis() -> Result<()> {
                 let stall =
                     stall_a_client(&rig, &lock, seat as u32, TTL + hold, |_| async { Ok(()) })
                         .await?;
-                schedule.push(match stall {
+                match stall {
                     Some(stall) => format!(
-                        "  {:>6.1}s stalled client on {lock} (token {}) for {:.1?}: late write {}",
-                        at.as_secs_f64(),
+                        "stalled client on {lock} (token {}) for {:.1?}: late write {}",
                         stall.token,
                         TTL + hold,
                         stall.outcome
                     ),
-                    None => format!(
-                        "  {:>6.1}s stalled client on {lock}: got no grant, skipped",
-                        at.as_secs_f64()
-                    ),
-                });
-                sleep(rng.between(Duration::from_millis(300), Duration::from_millis(1500))).await;
-                continue;
+                    None => format!("stalled client on {lock}: got no grant, skipped"),
+                }
             }
-        }
-        schedule.push(format!(
-            "  {:>6.1}s {} for {hold:.1?}",
-            at.as_secs_f64(),
-            [
-                "server kill",
-                "etcd leader kill",
-                "etcd member kill",
-                "etcd pause",
-                "quorum loss"
-            ][choice]
-        ));
+        };
+        schedule.push(format!("  {:>6.1}s {what}", at.as_secs_f64()));
         sleep(rng.between(Duration::from_millis(300), Duration::from_millis(1500))).await;
     }
     wait_for_grant(&rig.recorder, rig.recorder.now(), Duration::from_secs(20)).await?;
+    // The clients release what they hold but keep their session leases alive. Once a server must
+    // have confirmed every clean-up it still owed (the checker's bound, counted from the last
+    // fault's end), any holder left is a key no client was told of under a live lease: an
+    // observer reads every lock, and the checker must explain each holder it sees (rule 7).
+    run.quiesce();
+    let limits = Limits::default();
+    let last_heal = rig
+        .recorder
+        .events()
+        .iter()
+        .filter(|e| matches!(e.kind, Kind::FaultEnd { .. }))
+        .map(|e| e.at)
+        .max()
+        .unwrap_or_default();
+    let look_at = last_heal + limits.clean_up_within + limits.slack;
+    sleep(look_at.saturating_sub(rig.recorder.now())).await;
+    let left = observe_holders(&urls(&rig.servers), &rig.config.locks, &rig.recorder).await?;
     run.stop().await?;
     println!("randomized_nemesis schedule:\n{}", schedule.join("\n"));
-    rig.finish("randomized_nemesis", &[]).await?;
+    println!("randomized_nemesis: holders with every client quiet, sessions open: {left:?}");
+    let summary = rig.finish("randomized_nemesis", &[]).await?;
+    println!(
+        "randomized_nemesis: {stalls} member stalls, {late_links} held-back links; {} acquires of unknown outcome",
+        summary.indeterminate
+    );
     Ok(())
 }

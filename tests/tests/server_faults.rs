@@ -195,7 +195,10 @@ async fn killed_server_leaves_a_key_bounded_by_its_lease() -> Result<()> {
 }
 
 /// A waiter whose lease is revoked stops waiting at once with `lease_not_found`, and is never
-/// granted, even when the holder releases at the same moment (etcd issue 11456).
+/// granted, even when the holder releases right after the revoke was confirmed (etcd issue 11456:
+/// a waiter whose session had ended was granted). Each round: the waiter queues behind the
+/// holder, its lease's revoke is answered 204, then the holder releases; the waiter must answer
+/// 404, and the lock must be free.
 #[tokio::test]
 async fn waiter_with_revoked_lease_is_never_granted() -> Result<()> {
     let etcd = EtcdCluster::start(1).await?;
@@ -207,39 +210,38 @@ async fn waiter_with_revoked_lease_is_never_granted() -> Result<()> {
         let waiter = tokio::spawn({
             let (api, lease) = (api.clone(), lease.clone());
             async move {
-                api.post(
-                    "/v1/locks/r/acquire",
-                    json!({"lease_id": lease, "wait": "20s"}),
-                )
-                .await
+                let answer = api
+                    .post(
+                        "/v1/locks/r/acquire",
+                        json!({"lease_id": lease, "wait": "20s"}),
+                    )
+                    .await;
+                (answer, Instant::now())
             }
         });
         wait_for_queue(&etcd, "r", 2).await?;
-        let started = Instant::now();
-        let lease_path = format!("/v1/leases/{lease}");
-        let revoke = api.delete(&lease_path);
-        let release = api.post("/v1/locks/r/release", json!({"token": token(&held)}));
-        let (revoked, released) = if round % 2 == 0 {
-            tokio::join!(revoke, release)
-        } else {
-            let released = release.await;
-            (revoke.await, released)
-        };
-        assert_eq!(revoked?.0, 204);
-        assert_eq!(released?.0, 200);
-        let (status, body) = waiter.await??;
-        // The release may reach etcd first; then the waiter was (legitimately) granted before
-        // its lease was revoked. Either way the lock is free now and nobody holds it.
-        assert!(
-            status == 404 || status == 200,
-            "round {round}: {status} {body}"
-        );
-        if status == 404 {
-            assert_eq!(body["error"]["code"], "lease_not_found");
+        let (status, body) = api.delete(&format!("/v1/leases/{lease}")).await?;
+        assert_eq!(status, 204, "round {round}: revoke: {body}");
+        let revoked_at = Instant::now();
+        // In odd rounds the release follows at once: a server that does not confirm the
+        // waiter's own key in its decisive read would grant it now.
+        if round % 2 == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let (status, body) = api
+            .post("/v1/locks/r/release", json!({"token": token(&held)}))
+            .await?;
+        assert_eq!(status, 200, "round {round}: release: {body}");
+        let (answer, answered_at) = waiter.await?;
+        let (status, body) = answer?;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (404, Some("lease_not_found")),
+            "round {round}: a waiter whose lease was revoked was answered {status} {body}"
+        );
         assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "stopped waiting at once"
+            answered_at.saturating_duration_since(revoked_at) < Duration::from_secs(2),
+            "round {round}: stopped waiting at once"
         );
         let (_, status) = api.get("/v1/locks/r").await?;
         assert_eq!(status["holder"], Value::Null, "round {round}: {status}");
@@ -435,9 +437,9 @@ async fn resumed_wait_survives_the_abandoned_original() -> Result<()> {
         TestServer::start(&etcd).await?,
         TestServer::start(&etcd).await?,
     );
-    let (a1, a2) = (Api::new(s1.url()), Api::new(s2.url()));
-    let (_, held) = a1.acquire_ttl("resume", "30s", "0s").await?;
-    let lease = a1.grant("30s").await?;
+    let a2 = Api::new(s2.url());
+    let (_, held) = a2.acquire_ttl("resume", "30s", "0s").await?;
+    let lease = a2.grant("30s").await?;
 
     // The original request waits on server 1, through a client that will give up.
     let impatient = reqwest::Client::builder()
@@ -456,6 +458,13 @@ async fn resumed_wait_survives_the_abandoned_original() -> Result<()> {
         }
     });
     let queued = wait_for_queue(&etcd, "resume", 2).await?;
+    let mut client = etcd.client().await?;
+    let waiter_key = queued
+        .iter()
+        .find(|k| k.ends_with(&lease))
+        .context("the original's waiter key")?
+        .clone();
+    let written_by_original = client.get(waiter_key.as_str(), None).await?.kvs()[0].mod_revision();
     // The retry resumes the same key on server 2 while the original still waits.
     let retry = tokio::spawn({
         let (a2, lease) = (a2.clone(), lease.clone());
@@ -467,16 +476,28 @@ async fn resumed_wait_survives_the_abandoned_original() -> Result<()> {
             .await
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The retry has taken the key over once it rewrote it (with its own nonce).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let kvs = client.get(waiter_key.as_str(), None).await?;
+        let kv = kvs.kvs().first().context("the waiter key vanished")?;
+        if kv.mod_revision() > written_by_original {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the retry never resumed the key");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(original.await?.is_err(), "the original gave up");
-    tokio::time::sleep(Duration::from_millis(300)).await; // its clean-up has run by now
+    // Server 1 shuts down gracefully, which waits for every clean-up it started (the
+    // abandoned original's included): once it has stopped, that clean-up has run.
+    s1.shutdown().await?;
     assert_eq!(
         wait_for_queue(&etcd, "resume", 2).await?,
         queued,
         "the resumed key is still queued"
     );
 
-    a1.post("/v1/locks/resume/release", json!({"token": token(&held)}))
+    a2.post("/v1/locks/resume/release", json!({"token": token(&held)}))
         .await?;
     let (status, body) = retry.await??;
     assert_eq!(status, 200, "{body}");

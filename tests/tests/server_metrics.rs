@@ -111,6 +111,8 @@ async fn counters_follow_traffic() -> Result<()> {
     for present in [
         "leasehold_etcd_request_duration_seconds_bucket{op=\"txn\"",
         "leasehold_waits_in_flight",
+        "leasehold_admission_limit",
+        "leasehold_admission_queue",
         "leasehold_etcd_up 1",
         "leasehold_build_info{version=",
         "leasehold_http_requests_total{method=\"POST\",route=\"/v1/locks/{name}/acquire\",status=\"200\"}",

@@ -64,6 +64,13 @@ pub enum ApiError {
     /// A tenant quota would be exceeded. Nothing was granted.
     #[error("quota exceeded: {0}")]
     QuotaExceeded(String),
+    /// The acquire disagrees with the lock's other waiters (`limit_mismatch`, `mode_mismatch`).
+    #[error("{1}")]
+    Conflict(&'static str, String),
+    /// Shed by admission control (or etcd refused unapplied): nothing was done. Comes with
+    /// `Retry-After`.
+    #[error("the server is overloaded; nothing was done; retry after the Retry-After delay")]
+    Overloaded(String),
 }
 
 /// The JSON body of every error.
@@ -115,6 +122,8 @@ impl ApiError {
             E::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             E::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             E::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
+            E::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            E::Conflict(code, _) => (StatusCode::CONFLICT, code),
         }
     }
 }
@@ -129,6 +138,12 @@ impl From<ServiceError> for ApiError {
             ServiceError::ShuttingDown => ApiError::ShuttingDown,
             ServiceError::Forbidden(msg) => ApiError::Forbidden(msg),
             ServiceError::QuotaExceeded(msg) => ApiError::QuotaExceeded(msg),
+            ServiceError::Overloaded(msg) => ApiError::Overloaded(msg),
+            ServiceError::Mismatch {
+                code: "invalid_request",
+                message,
+            } => ApiError::InvalidRequest(message),
+            ServiceError::Mismatch { code, message } => ApiError::Conflict(code, message),
         }
     }
 }
@@ -158,6 +173,12 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
                 axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        if matches!(self, ApiError::Overloaded(_)) {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(crate::admission::RETRY_AFTER_SECS),
             );
         }
         response

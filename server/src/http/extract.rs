@@ -221,6 +221,67 @@ impl Fields<'_> {
         Ok(wait)
     }
 
+    /// The lock kind an acquire asks for: `limit` (a semaphore of that many holders, 1 to
+    /// 10,000) or `mode` (`"shared"` or `"exclusive"`: a read-write lock),
+    /// not both; neither: a mutex.
+    pub fn kind(&self) -> Result<crate::Kind, ApiError> {
+        let limit = match self.get("limit") {
+            None => None,
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(l) if (1..=u64::from(crate::queue::MAX_LIMIT)).contains(&l) => Some(l as u32),
+                _ => {
+                    return Err(ApiError::InvalidRequest(format!(
+                        "`limit` must be an integer from 1 to {}",
+                        crate::queue::MAX_LIMIT
+                    )));
+                }
+            },
+            Some(other) => {
+                return Err(ApiError::InvalidRequest(format!(
+                    "`limit` must be an integer, not {other}"
+                )));
+            }
+        };
+        let mode = self.string("mode", ApiError::InvalidRequest)?;
+        match (limit, mode.as_deref()) {
+            (Some(_), Some(_)) => Err(ApiError::InvalidRequest(
+                "give `limit` (a semaphore) or `mode` (a read-write lock), not both".into(),
+            )),
+            (Some(limit), None) => Ok(crate::Kind::Counted(limit)),
+            (None, None) => Ok(crate::Kind::MUTEX),
+            (None, Some("shared")) => Ok(crate::Kind::Shared),
+            (None, Some("exclusive")) => Ok(crate::Kind::Exclusive),
+            (None, Some(other)) => Err(ApiError::InvalidRequest(format!(
+                "`mode` is \"shared\" or \"exclusive\", not {other:?}"
+            ))),
+        }
+    }
+
+    /// `names`: the lock names of a group, 1 to [`crate::group::MAX_GROUP`] of them.
+    pub fn names(&self) -> Result<Vec<LockName>, ApiError> {
+        let Some(Value::Array(items)) = self.get("names") else {
+            return Err(ApiError::InvalidRequest(
+                "`names` (an array of lock names) is required".into(),
+            ));
+        };
+        if items.is_empty() || items.len() > crate::group::MAX_GROUP {
+            return Err(ApiError::InvalidRequest(format!(
+                "`names` takes 1 to {} names",
+                crate::group::MAX_GROUP
+            )));
+        }
+        items
+            .iter()
+            .map(|item| match item {
+                Value::String(name) => LockName::new(name.clone())
+                    .map_err(|err| ApiError::InvalidName(err.to_string())),
+                other => Err(ApiError::InvalidRequest(format!(
+                    "`names` holds strings, not {other}"
+                ))),
+            })
+            .collect()
+    }
+
     /// `token`: a fencing token, a non-negative JSON integer. `42.0` is an integer too (JSON
     /// Schema says so, and some encoders write whole floats that way).
     pub fn token(&self) -> Result<u64, ApiError> {
@@ -287,6 +348,8 @@ mod tests {
             Just("wait".to_owned()),
             Just("owner".to_owned()),
             Just("token".to_owned()),
+            Just("limit".to_owned()),
+            Just("mode".to_owned()),
             ".{0,6}",
         ];
         proptest::collection::btree_map(key, value, 0..6).prop_map(|m| m.into_iter().collect())
@@ -382,7 +445,8 @@ mod tests {
                 .string("lease_id", ApiError::InvalidRequest)
                 .and_then(|_| fields.ttl(&LIMITS))
                 .and_then(|_| fields.wait(&LIMITS))
-                .and_then(|_| fields.owner());
+                .and_then(|_| fields.owner())
+                .and_then(|_| fields.kind().map(drop));
             if let Err(err) = decoded {
                 prop_assert!(matches!(
                     err,

@@ -78,7 +78,7 @@ pub struct LeaseInfoResponse {
         (status = 403, description = "forbidden (the handle names a lease being revoked)", body = ErrorBody),
         (status = 413, description = "body_too_large", body = ErrorBody),
         (status = 429, description = "quota_exceeded", body = ErrorBody),
-        (status = 503, description = "store_unavailable", body = ErrorBody),
+        (status = 503, description = "store_unavailable or overloaded (with Retry-After)", body = ErrorBody),
     ))]
 pub async fn grant_lease(
     State(state): State<AppState>,
@@ -116,7 +116,7 @@ pub async fn grant_lease(
         (status = 401, description = "unauthorized", body = ErrorBody),
         (status = 403, description = "forbidden (missing or wrong handle)", body = ErrorBody),
         (status = 404, description = "lease_not_found", body = ErrorBody),
-        (status = 503, description = "store_unavailable", body = ErrorBody),
+        (status = 503, description = "store_unavailable or overloaded (with Retry-After)", body = ErrorBody),
     ))]
 pub async fn keep_lease_alive(
     State(state): State<AppState>,
@@ -140,7 +140,7 @@ pub async fn keep_lease_alive(
         (status = 200, description = "The lease", body = LeaseInfoResponse),
         (status = 401, description = "unauthorized", body = ErrorBody),
         (status = 404, description = "lease_not_found (also for another tenant's lease)", body = ErrorBody),
-        (status = 503, description = "store_unavailable", body = ErrorBody),
+        (status = 503, description = "store_unavailable or overloaded (with Retry-After)", body = ErrorBody),
     ))]
 pub async fn show_lease(
     State(state): State<AppState>,
@@ -167,7 +167,7 @@ pub async fn show_lease(
         (status = 401, description = "unauthorized", body = ErrorBody),
         (status = 403, description = "forbidden (missing or wrong handle)", body = ErrorBody),
         (status = 404, description = "lease_not_found", body = ErrorBody),
-        (status = 503, description = "store_unavailable", body = ErrorBody),
+        (status = 503, description = "store_unavailable or overloaded (with Retry-After)", body = ErrorBody),
     ))]
 pub async fn revoke_lease(
     State(state): State<AppState>,
@@ -179,4 +179,46 @@ pub async fn revoke_lease(
     let auth = handle.require_for(&tenant, lease)?;
     state.service.revoke_lease(&auth).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// One lease in `GET /v1/leases`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LeaseSummaryResponse {
+    /// The lease.
+    pub lease_id: String,
+    /// Who holds it.
+    pub owner: Option<String>,
+    /// The TTL etcd granted, in milliseconds.
+    pub ttl_ms: u64,
+}
+
+/// The live leases of the caller's tenant.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LeaseListResponse {
+    /// At most 1,000.
+    pub leases: Vec<LeaseSummaryResponse>,
+}
+
+/// Lists the tenant's live leases (at most 1,000; no handles).
+#[utoipa::path(get, path = "/v1/leases", tag = "leases",
+    responses(
+        (status = 200, description = "The live leases", body = LeaseListResponse),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 503, description = "store_unavailable or overloaded", body = ErrorBody),
+    ))]
+pub async fn list_leases(
+    State(state): State<AppState>,
+    Caller(tenant): Caller,
+) -> Result<Json<LeaseListResponse>, ApiError> {
+    let leases = state.service.list_leases(&tenant, 1000).await?;
+    Ok(Json(LeaseListResponse {
+        leases: leases
+            .into_iter()
+            .map(|(id, meta)| LeaseSummaryResponse {
+                lease_id: id.to_string(),
+                owner: meta.owner,
+                ttl_ms: meta.ttl_ms,
+            })
+            .collect(),
+    }))
 }

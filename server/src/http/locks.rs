@@ -44,6 +44,12 @@ pub struct AcquireBody {
     wait: Option<String>,
     /// Who is asking (shown to others while held).
     owner: Option<String>,
+    /// A semaphore: up to this many holders at once (every acquirer must give the same).
+    #[schema(example = 3)]
+    limit: Option<u32>,
+    /// A read-write lock: `"shared"` (readers hold together) or `"exclusive"` (a writer).
+    #[schema(example = "shared")]
+    mode: Option<String>,
 }
 
 /// Body of `renew` and `release` (with the lease's handle in the `Leasehold-Handle` header).
@@ -104,15 +110,110 @@ pub struct HolderResponse {
     pub lease_id: String,
 }
 
-/// Who holds a lock and how many wait.
+/// One place in a lock's queue (never a handle).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QueueEntryResponse {
+    /// Its place: 0 for the first holder; waiters count up from the number of holders.
+    pub position: usize,
+    /// Its token (the one it holds with, or will get when granted).
+    pub token: u64,
+    /// The lease it waits or holds under.
+    pub lease_id: String,
+    /// Who, if they said.
+    pub owner: Option<String>,
+    /// `shared` or `exclusive` for a read-write lock.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// A candidate's value (elections).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// True if it holds now.
+    pub holds: bool,
+}
+
+/// Who holds a lock and who waits, in order.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct LockStatusResponse {
     /// The lock name.
     pub name: String,
-    /// The holder, or `null`.
+    /// The (first) holder, or `null`.
     pub holder: Option<HolderResponse>,
-    /// Waiters queued behind the holder.
+    /// Waiters queued behind the holders.
     pub waiters: u64,
+    /// The semaphore limit (1: a mutex); absent for a read-write lock or a free lock.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// Holders, then waiters, in order (at most 1,000).
+    pub queue: Vec<QueueEntryResponse>,
+}
+
+impl LockStatusResponse {
+    /// The JSON form of a status.
+    pub fn from_status(status: crate::lock::LockStatus) -> Self {
+        Self {
+            name: status.name.to_string(),
+            holder: status.holder.map(|h| HolderResponse {
+                owner: h.owner,
+                token: h.token,
+                lease_id: h.lease_id.to_string(),
+            }),
+            waiters: status.waiters,
+            limit: status.limit,
+            queue: status
+                .queue
+                .into_iter()
+                .enumerate()
+                .map(|(position, e)| QueueEntryResponse {
+                    position,
+                    token: e.token,
+                    lease_id: e.lease_id.to_string(),
+                    owner: e.owner,
+                    mode: e.mode,
+                    value: e.value,
+                    holds: e.holds,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The lease an acquire names: an existing one (`lease_id` with its handle) or a new one
+/// (`ttl`), exactly one of the two.
+pub(crate) fn lease_choice(
+    fields: &Fields,
+    limits: &super::Limits,
+    tenant: &crate::tenants::Tenant,
+    handle: MaybeHandle,
+) -> Result<LeaseChoice, ApiError> {
+    let lease_id = fields.string("lease_id", ApiError::InvalidRequest)?;
+    let ttl = fields.ttl(limits)?;
+    match (lease_id, ttl) {
+        (Some(id), None) => {
+            let id = id
+                .parse::<LeaseId>()
+                .map_err(|()| ApiError::LeaseNotFound)?;
+            Ok(LeaseChoice::Existing(handle.require_for(tenant, id)?))
+        }
+        (None, Some(ttl)) => Ok(LeaseChoice::New { ttl }),
+        (Some(_), Some(_)) => Err(ApiError::InvalidRequest(
+            "give either `lease_id` or `ttl`, not both".into(),
+        )),
+        (None, None) => Err(ApiError::InvalidRequest(
+            "give `lease_id` (an existing lease) or `ttl` (a new one)".into(),
+        )),
+    }
+}
+
+/// Counts an acquire's outcome.
+pub(crate) fn count_acquire<T>(outcome: &Result<T, ServiceError>, started: std::time::Instant) {
+    metrics::acquire_finished(
+        match outcome {
+            Ok(_) => AcquireResult::Granted,
+            Err(ServiceError::LockHeld { .. }) => AcquireResult::TimedOut,
+            Err(_) => AcquireResult::Error,
+        },
+        started.elapsed(),
+    );
 }
 
 /// Acquires a lock, waiting in line up to `wait`.
@@ -125,10 +226,10 @@ pub struct LockStatusResponse {
         (status = 401, description = "unauthorized", body = ErrorBody),
         (status = 403, description = "forbidden (missing or wrong handle, name outside the tenant's prefix)", body = ErrorBody),
         (status = 404, description = "lease_not_found", body = ErrorBody),
-        (status = 409, description = "lock_held (with `holder`)", body = ErrorBody),
+        (status = 409, description = "lock_held (with `holder`), limit_mismatch or mode_mismatch", body = ErrorBody),
         (status = 413, description = "body_too_large", body = ErrorBody),
         (status = 429, description = "quota_exceeded", body = ErrorBody),
-        (status = 503, description = "store_unavailable or shutting_down", body = ErrorBody),
+        (status = 503, description = "store_unavailable, overloaded (with Retry-After) or shutting_down", body = ErrorBody),
     ))]
 pub async fn acquire_lock(
     State(state): State<AppState>,
@@ -138,48 +239,25 @@ pub async fn acquire_lock(
     JsonObject(body): JsonObject,
 ) -> Result<Json<AcquireResponse>, ApiError> {
     let fields = Fields(&body);
-    let lease_id = fields.string("lease_id", ApiError::InvalidRequest)?;
-    let ttl = fields.ttl(&state.limits)?;
+    let kind = fields.kind()?;
     let wait = fields.wait(&state.limits)?;
+    crate::admission::be_patient(wait);
     let owner = fields.owner()?;
-    let lease = match (lease_id, ttl) {
-        (Some(id), None) => {
-            let id = id
-                .parse::<LeaseId>()
-                .map_err(|()| ApiError::LeaseNotFound)?;
-            LeaseChoice::Existing(handle.require_for(&tenant, id)?)
-        }
-        (None, Some(ttl)) => LeaseChoice::New { ttl },
-        (Some(_), Some(_)) => {
-            return Err(ApiError::InvalidRequest(
-                "give either `lease_id` or `ttl`, not both".into(),
-            ));
-        }
-        (None, None) => {
-            return Err(ApiError::InvalidRequest(
-                "give `lease_id` (an existing lease) or `ttl` (a new one)".into(),
-            ));
-        }
-    };
+    let lease = lease_choice(&fields, &state.limits, &tenant, handle)?;
     let started = std::time::Instant::now();
     let outcome = state
         .service
         .acquire(AcquireRequest {
             name,
+            kind,
             lease,
             wait,
             owner,
+            value: None,
             tenant,
         })
         .await;
-    metrics::acquire_finished(
-        match &outcome {
-            Ok(_) => AcquireResult::Granted,
-            Err(ServiceError::LockHeld { .. }) => AcquireResult::TimedOut,
-            Err(_) => AcquireResult::Error,
-        },
-        started.elapsed(),
-    );
+    count_acquire(&outcome, started);
     let grant = outcome?;
     record_lock(&grant.name, grant.token);
     tracing::Span::current().record("lease_id", grant.lease_id.to_string());
@@ -203,7 +281,7 @@ pub async fn acquire_lock(
         (status = 401, description = "unauthorized", body = ErrorBody),
         (status = 403, description = "forbidden (missing or wrong handle, name outside the tenant's prefix)", body = ErrorBody),
         (status = 409, description = "not_holder", body = ErrorBody),
-        (status = 503, description = "store_unavailable", body = ErrorBody),
+        (status = 503, description = "store_unavailable or overloaded (with Retry-After)", body = ErrorBody),
     ))]
 pub async fn renew_lock(
     State(state): State<AppState>,
@@ -236,7 +314,7 @@ pub async fn renew_lock(
         (status = 401, description = "unauthorized", body = ErrorBody),
         (status = 403, description = "forbidden (missing or wrong handle, name outside the tenant's prefix)", body = ErrorBody),
         (status = 409, description = "not_holder", body = ErrorBody),
-        (status = 503, description = "store_unavailable", body = ErrorBody),
+        (status = 503, description = "store_unavailable or overloaded (with Retry-After)", body = ErrorBody),
     ))]
 pub async fn release_lock(
     State(state): State<AppState>,
@@ -254,15 +332,16 @@ pub async fn release_lock(
     Ok(Json(ReleaseResponse { released: true }))
 }
 
-/// Shows who holds a lock and how many wait.
+/// Shows who holds a lock and who waits, in order.
 #[utoipa::path(get, path = "/v1/locks/{name}", tag = "locks",
-    params(("name" = String, Path, description = "Lock name, percent-encoded")),
+    params(("name" = String, Path, pattern = "^(?!(acquire|release)$).+$",
+        description = "Lock name, percent-encoded. The locks named `acquire` and `release` have their own GET routes: their paths are also the group routes")),
     responses(
         (status = 200, description = "Lock status", body = LockStatusResponse),
         (status = 400, description = "invalid_name", body = ErrorBody),
         (status = 401, description = "unauthorized", body = ErrorBody),
         (status = 403, description = "forbidden (name outside the tenant's prefix)", body = ErrorBody),
-        (status = 503, description = "store_unavailable", body = ErrorBody),
+        (status = 503, description = "store_unavailable or overloaded (with Retry-After)", body = ErrorBody),
     ))]
 pub async fn lock_status(
     State(state): State<AppState>,
@@ -270,13 +349,60 @@ pub async fn lock_status(
     LockNamePath(name): LockNamePath,
 ) -> Result<Json<LockStatusResponse>, ApiError> {
     let status = state.service.lock_status(&tenant, &name).await?;
-    Ok(Json(LockStatusResponse {
-        name: status.name.to_string(),
-        holder: status.holder.map(|h| HolderResponse {
-            owner: h.owner,
-            token: h.token,
-            lease_id: h.lease_id.to_string(),
-        }),
-        waiters: status.waiters,
+    Ok(Json(LockStatusResponse::from_status(status)))
+}
+
+/// One lock in `GET /v1/locks`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LockSummaryResponse {
+    /// The lock name.
+    pub name: String,
+    /// Keys in its queue, holders included.
+    pub queued: u64,
+    /// The head of its queue (the first holder).
+    pub holder: Option<HolderBrief>,
+}
+
+/// A holder in a lock list: token and owner.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HolderBrief {
+    /// Its fencing token.
+    pub token: u64,
+    /// Who, if they said.
+    pub owner: Option<String>,
+}
+
+/// The locks of the caller's tenant that someone holds or waits for.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LockListResponse {
+    /// Sorted by name, at most 1,000.
+    pub locks: Vec<LockSummaryResponse>,
+    /// The etcd revision of this list: follow `GET /v1/events` with `Last-Event-ID` set to it to
+    /// miss no change after it.
+    pub revision: i64,
+}
+
+/// Lists the locks someone holds or waits for (sorted by name, at most 1,000).
+#[utoipa::path(get, path = "/v1/locks", tag = "locks",
+    responses(
+        (status = 200, description = "The locks in use", body = LockListResponse),
+        (status = 401, description = "unauthorized", body = ErrorBody),
+        (status = 503, description = "store_unavailable or overloaded", body = ErrorBody),
+    ))]
+pub async fn list_locks(
+    State(state): State<AppState>,
+    Caller(tenant): Caller,
+) -> Result<Json<LockListResponse>, ApiError> {
+    let (locks, revision) = state.service.list_locks(&tenant, 1000).await?;
+    Ok(Json(LockListResponse {
+        revision,
+        locks: locks
+            .into_iter()
+            .map(|l| LockSummaryResponse {
+                name: l.name.to_string(),
+                queued: l.queued,
+                holder: l.head.map(|(token, owner)| HolderBrief { token, owner }),
+            })
+            .collect(),
     }))
 }

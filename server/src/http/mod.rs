@@ -2,12 +2,16 @@
 //! `/openapi.json`). Handlers translate HTTP to calls on [`Service`] and back; they decide
 //! nothing about locks.
 
+pub mod elections;
 pub mod error;
 pub mod extract;
+pub mod groups;
 pub mod leases;
 pub mod locks;
 pub mod serve;
+pub mod streams;
 pub mod tls;
+pub mod ui;
 
 use std::sync::Arc;
 
@@ -49,29 +53,48 @@ pub struct AppState {
     ),
     tags(
         (name = "leases", description = "TTL leases that locks are held under"),
-        (name = "locks", description = "FIFO locks with fencing tokens"),
+        (name = "locks", description = "FIFO locks with fencing tokens: mutexes, semaphores, read-write locks, groups"),
+        (name = "elections", description = "Leader election on the lock queue; the leader's token is its epoch"),
         (name = "service", description = "Health, readiness and this document"),
     )
 )]
 struct ApiDoc;
 
 /// The router and the OpenAPI document generated from the same route list.
-pub fn router_and_openapi(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
+pub fn router_and_openapi(state: AppState) -> (Router, serde_json::Value) {
     // Install the recorder now: metrics recorded before it exists are lost.
     metrics::handle();
     let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .routes(routes!(leases::grant_lease))
+        .routes(routes!(leases::grant_lease, leases::list_leases))
+        .routes(routes!(locks::list_locks))
+        .routes(routes!(ui::status_page))
         .routes(routes!(leases::keep_lease_alive))
         .routes(routes!(leases::show_lease, leases::revoke_lease))
+        .routes(routes!(
+            groups::acquire_group,
+            groups::status_of_lock_named_acquire
+        ))
+        .routes(routes!(
+            groups::release_group,
+            groups::status_of_lock_named_release
+        ))
         .routes(routes!(locks::acquire_lock))
         .routes(routes!(locks::renew_lock))
         .routes(routes!(locks::release_lock))
         .routes(routes!(locks::lock_status))
+        .routes(routes!(streams::watch_lock))
+        .routes(routes!(streams::watch_all))
+        .routes(routes!(elections::campaign))
+        .routes(routes!(elections::resign))
+        .routes(routes!(elections::leader))
+        .routes(routes!(streams::observe))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(openapi_json))
         .routes(routes!(prometheus_metrics))
         .split_for_parts();
+    let mut openapi = serde_json::to_value(&openapi).expect("the OpenAPI document is JSON");
+    streams::describe_event_streams(&mut openapi);
     let document = Arc::new(openapi.clone());
     let router = router
         .fallback(not_found)
@@ -147,7 +170,12 @@ async fn observe(request: Request, next: Next) -> Response {
     });
     let _ = span.set_parent(parent);
     let started = std::time::Instant::now();
-    let response = next.run(request).instrument(span.clone()).await;
+    // Only requests that add work may be shed; releases, renewals and keep-alives finish it.
+    let sheddable = method == axum::http::Method::POST
+        && (route == "/v1/leases" || route.ends_with("/acquire"));
+    let response =
+        crate::admission::request_scope(sheddable, next.run(request).instrument(span.clone()))
+            .await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     span.record("http.status", status);
@@ -220,7 +248,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<StatusBody>)
 #[utoipa::path(get, path = "/openapi.json", tag = "service",
     responses((status = 200, description = "OpenAPI 3 document")))]
 async fn openapi_json(
-    axum::Extension(document): axum::Extension<Arc<utoipa::openapi::OpenApi>>,
-) -> Json<utoipa::openapi::OpenApi> {
+    axum::Extension(document): axum::Extension<Arc<serde_json::Value>>,
+) -> Json<serde_json::Value> {
     Json((*document).clone())
 }

@@ -40,7 +40,7 @@ pub struct ConnectionLimits {
 
 /// What a connection over the cap is told before it is closed.
 const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-content-type: application/json\r\nconnection: close\r\ncontent-length: 91\r\n\r\n\
+content-type: application/json\r\nconnection: close\r\nretry-after: 1\r\ncontent-length: 91\r\n\r\n\
 {\"error\":{\"code\":\"too_many_connections\",\"message\":\"connection limit reached; retry later\"}}";
 
 /// Serves `app` on `listener` until `shutdown` completes; then stops accepting, runs `on_stop`

@@ -1,0 +1,364 @@
+//! Admission control: a bound on etcd work in flight that adapts to etcd's latency, so that the
+//! server queues briefly or sheds early, with `503 overloaded` and `Retry-After`, before etcd is
+//! pushed into its own "too many requests".
+//!
+//! Every etcd call takes a permit ([`Admission::admit`]). While fewer calls are in flight than
+//! the *limit*, a call goes at once; otherwise it queues. What happens in the queue depends on
+//! the call's class:
+//!
+//! - the first etcd call of a new request that *adds* work (an acquire, a lease grant)
+//!   ([`Class::NewRequest`]) waits at most [`QUEUE_TIMEOUT`]; past it, or when the queue is
+//!   already as long as the limit, the request is shed: nothing was sent to etcd, so the answer
+//!   `503 overloaded` is exact;
+//! - requests that *finish* work (release, renew, keep-alive, revoke) are never shed: shedding a
+//!   release would keep a lock held for a whole TTL and turn away everyone waiting for it;
+//! - every later call of an admitted request, and background work (clean-ups, keep-alives, the
+//!   watch) ([`Class::Admitted`]) waits for its turn: it must not fail halfway through an
+//!   operation that already wrote to etcd.
+//!
+//! A parked waiter holds no permit: it takes one only for each read it makes when woken.
+//!
+//! The limit follows etcd's latency, as Netflix's `Gradient2` limiter does: the ratio of a
+//! long-term latency baseline to the recent latency says whether etcd is queueing; the limit
+//! shrinks in proportion when it is, grows by about its square root when it is not, and halves at
+//! once when etcd answers "too many requests" or times out.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::metrics;
+
+/// How long a new request may queue for its first etcd call before it is shed.
+pub const QUEUE_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// What a shed request is told to wait before retrying, in whole seconds (`Retry-After`).
+pub const RETRY_AFTER_SECS: u64 = 1;
+
+/// Bounds of the adaptive limit (calls in flight towards etcd, per server).
+const MIN_LIMIT: f64 = 16.0;
+const MAX_LIMIT: f64 = 1024.0;
+const INITIAL_LIMIT: f64 = 64.0;
+
+/// Latency above `TOLERANCE` × baseline counts as etcd queueing.
+const TOLERANCE: f64 = 2.0;
+
+/// How fast the short and long latency averages move (per sample).
+const SHORT_WEIGHT: f64 = 0.1;
+const LONG_WEIGHT: f64 = 0.002;
+
+/// Which queueing rule applies to a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// The first etcd call of a new request: shed if it would queue too long.
+    NewRequest,
+    /// Anything else: queue until served.
+    Admitted,
+}
+
+/// The request was shed: nothing was sent to etcd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the server is overloaded; retry after {RETRY_AFTER_SECS} s")]
+pub struct Shed;
+
+/// The most a patient request (an acquire that asked to wait) queues for its first call.
+pub const MAX_PATIENCE: Duration = Duration::from_secs(10);
+
+/// What admission knows of the request the current task serves.
+#[derive(Debug, Clone, Copy)]
+struct RequestState {
+    /// True until its first etcd call is admitted, if it may be shed at all.
+    first_call_pending: bool,
+    /// How long that first call may queue.
+    patience: Duration,
+}
+
+tokio::task_local! {
+    /// Set for the duration of an HTTP request.
+    static REQUEST: std::cell::Cell<RequestState>;
+}
+
+/// Runs `request` (an HTTP handler); if it is `sheddable` (it adds work), its first etcd call may
+/// be shed, later ones not. Requests that finish work are never shed.
+pub async fn request_scope<F: Future>(sheddable: bool, request: F) -> F::Output {
+    let state = RequestState {
+        first_call_pending: sheddable,
+        patience: QUEUE_TIMEOUT,
+    };
+    REQUEST.scope(std::cell::Cell::new(state), request).await
+}
+
+/// The current request asked to wait up to `wait` (an acquire in line): its first etcd call may
+/// queue that long (at most [`MAX_PATIENCE`]) rather than be shed. A parked waiter costs etcd
+/// nothing, so queueing it is better than failing it.
+pub fn be_patient(wait: Duration) {
+    let _ = REQUEST.try_with(|state| {
+        let mut now = state.get();
+        now.patience = wait.clamp(QUEUE_TIMEOUT, MAX_PATIENCE);
+        state.set(now);
+    });
+}
+
+/// The class of the etcd call about to be made by the current task, and its patience.
+fn current_class() -> (Class, Duration) {
+    REQUEST
+        .try_with(|state| {
+            let state = state.get();
+            if state.first_call_pending {
+                (Class::NewRequest, state.patience)
+            } else {
+                (Class::Admitted, Duration::ZERO)
+            }
+        })
+        .unwrap_or((Class::Admitted, Duration::ZERO))
+}
+
+/// Marks the current request as admitted: its later calls queue instead of being shed.
+fn mark_admitted() {
+    let _ = REQUEST.try_with(|state| {
+        let mut now = state.get();
+        now.first_call_pending = false;
+        state.set(now);
+    });
+}
+
+/// The shared limiter. Cheap to clone.
+#[derive(Clone)]
+pub struct Admission {
+    inner: Arc<Mutex<State>>,
+}
+
+struct State {
+    limit: f64,
+    in_flight: usize,
+    /// Waiting calls, oldest first; a sender is dropped when its waiter gave up.
+    queue: VecDeque<oneshot::Sender<()>>,
+    short_rtt: f64,
+    long_rtt: f64,
+}
+
+/// An admitted call; dropping it frees the slot (and wakes the next waiter).
+pub struct Permit {
+    admission: Admission,
+    started: Instant,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(State {
+                limit: INITIAL_LIMIT,
+                in_flight: 0,
+                queue: VecDeque::new(),
+                short_rtt: 0.0,
+                long_rtt: 0.0,
+            })),
+        }
+    }
+}
+
+impl Admission {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.lock().expect("admission lock")
+    }
+
+    /// Waits for a slot for one etcd call of the current task's class.
+    pub async fn admit(&self) -> Result<Permit, Shed> {
+        let (class, patience) = current_class();
+        let waiting = {
+            let mut state = self.state();
+            if state.in_flight < state.limit as usize && state.queue.is_empty() {
+                state.in_flight += 1;
+                None
+            } else if class == Class::NewRequest
+                && patience <= QUEUE_TIMEOUT
+                && state.queue.len() >= state.limit as usize
+            {
+                // The queue alone would take longer to drain than a new request may wait.
+                drop(state);
+                metrics::shed();
+                return Err(Shed);
+            } else {
+                let (tx, rx) = oneshot::channel();
+                state.queue.push_back(tx);
+                metrics::admission(state.limit, state.queue.len());
+                Some(rx)
+            }
+        };
+        if let Some(mut turn) = waiting {
+            match class {
+                Class::NewRequest => {
+                    if tokio::time::timeout(QUEUE_TIMEOUT, &mut turn)
+                        .await
+                        .is_err()
+                    {
+                        turn.close();
+                        // A slot handed over just as we gave up is ours: give it back.
+                        if turn.try_recv().is_ok() {
+                            self.release();
+                        }
+                        metrics::shed();
+                        return Err(Shed);
+                    }
+                }
+                Class::Admitted => {
+                    let _ = turn.await;
+                }
+            }
+        }
+        mark_admitted();
+        Ok(Permit {
+            admission: self.clone(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Frees a slot: hands it to the oldest live waiter, or returns it.
+    fn release(&self) {
+        let mut state = self.state();
+        while let Some(next) = state.queue.pop_front() {
+            if next.send(()).is_ok() {
+                return; // the slot passes on; in_flight is unchanged
+            }
+        }
+        state.in_flight = state.in_flight.saturating_sub(1);
+    }
+
+    /// Folds one completed call's latency (and whether etcd pushed back) into the limit.
+    fn observe(&self, rtt: Duration, pushed_back: bool) {
+        let mut state = self.state();
+        let rtt = rtt.as_secs_f64().max(1e-5);
+        if pushed_back {
+            state.limit = (state.limit / 2.0).max(MIN_LIMIT);
+        } else {
+            if state.long_rtt == 0.0 {
+                (state.short_rtt, state.long_rtt) = (rtt, rtt);
+            }
+            state.short_rtt += SHORT_WEIGHT * (rtt - state.short_rtt);
+            state.long_rtt += LONG_WEIGHT * (rtt - state.long_rtt);
+            // A baseline far above what etcd does now is stale (the load dropped): follow it down.
+            if state.long_rtt > 2.0 * state.short_rtt {
+                state.long_rtt = 0.95 * state.long_rtt + 0.05 * state.short_rtt;
+            }
+            let gradient = (TOLERANCE * state.long_rtt / state.short_rtt).clamp(0.5, 1.0);
+            // Grow only while the limit is actually used: an idle server learns nothing.
+            let used = state.in_flight as f64 >= state.limit / 2.0 || !state.queue.is_empty();
+            let headroom = if used { state.limit.sqrt() } else { 0.0 };
+            let target = state.limit * gradient + headroom;
+            state.limit = (0.8 * state.limit + 0.2 * target).clamp(MIN_LIMIT, MAX_LIMIT);
+        }
+        metrics::admission(state.limit, state.queue.len());
+    }
+
+    /// The current limit (rounded down) and queue length.
+    #[cfg(test)]
+    fn snapshot(&self) -> (usize, usize) {
+        let state = self.state();
+        (state.limit as usize, state.queue.len())
+    }
+}
+
+impl Permit {
+    /// Ends the call: records its latency and whether etcd pushed back.
+    pub fn finish(self, pushed_back: bool) {
+        self.admission.observe(self.started.elapsed(), pushed_back);
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.admission.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn new_requests_are_shed_when_the_queue_is_full_admitted_ones_wait() {
+        let admission = Admission::default();
+        let limit = admission.snapshot().0;
+        let held: Vec<Permit> = futures_held(&admission, limit).await;
+        // A new request now queues, then is shed after the queue timeout.
+        let started = Instant::now();
+        let shed = request_scope(true, admission.admit()).await;
+        assert!(shed.is_err());
+        assert!(started.elapsed() >= QUEUE_TIMEOUT);
+        // Background work waits for a slot instead.
+        let waiting = tokio::spawn({
+            let admission = admission.clone();
+            async move { admission.admit().await.map(drop) }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        drop(held);
+        assert!(waiting.await.unwrap().is_ok());
+        assert_eq!(admission.state().in_flight, 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_is_shed_at_once_when_the_queue_is_as_long_as_the_limit() {
+        let admission = Admission::default();
+        let limit = admission.snapshot().0;
+        let _held = futures_held(&admission, limit).await;
+        let mut queued = Vec::new();
+        for _ in 0..limit {
+            let admission = admission.clone();
+            queued.push(tokio::spawn(
+                async move { admission.admit().await.map(drop) },
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = Instant::now();
+        assert!(request_scope(true, admission.admit()).await.is_err());
+        // A request that finishes work queues instead.
+        let finishing = tokio::spawn({
+            let admission = admission.clone();
+            async move { request_scope(false, admission.admit()).await.map(drop) }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!finishing.is_finished(), "queued, not shed");
+        assert!(started.elapsed() < QUEUE_TIMEOUT, "shed without queueing");
+    }
+
+    #[test]
+    fn the_limit_shrinks_when_etcd_slows_and_halves_on_push_back() {
+        let admission = Admission::default();
+        admission.state().in_flight = 64; // in use
+        for _ in 0..200 {
+            admission.observe(Duration::from_millis(2), false);
+        }
+        let steady = admission.snapshot().0;
+        assert!(
+            steady > 64,
+            "grows while latency is steady and the limit used: {steady}"
+        );
+        for _ in 0..50 {
+            admission.observe(Duration::from_millis(40), false);
+        }
+        let slowed = admission.snapshot().0;
+        assert!(
+            slowed < steady / 2,
+            "shrinks when latency rises: {steady} -> {slowed}"
+        );
+        admission.observe(Duration::from_millis(2), true);
+        assert!(admission.snapshot().0 <= (slowed / 2 + 1).max(MIN_LIMIT as usize));
+        for _ in 0..10_000 {
+            admission.observe(Duration::from_secs(5), true);
+        }
+        assert_eq!(admission.snapshot().0, MIN_LIMIT as usize);
+    }
+
+    async fn futures_held(admission: &Admission, n: usize) -> Vec<Permit> {
+        let mut held = Vec::new();
+        for _ in 0..n {
+            held.push(admission.admit().await.unwrap());
+        }
+        held
+    }
+}

@@ -1,0 +1,372 @@
+//! Clients that do not make an overload worse: `Retry-After` honoured per endpoint, exponential
+//! backoff with full jitter between rounds, and a retry budget that keeps retries a fraction of
+//! requests. Against a small in-test HTTP stub that answers what each test needs (`503
+//! overloaded` with `Retry-After`, as the servers answer when they shed load).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use leasehold::{Client, Error, RetryBudget, RetryPolicy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+/// What the stub answers to its `n`th request (from 0): status, `Retry-After`, JSON body.
+type Answer = Arc<dyn Fn(usize) -> (u16, Option<&'static str>, &'static str) + Send + Sync>;
+
+const OVERLOADED: &str = r#"{"error":{"code":"overloaded","message":"shedding load"}}"#;
+const UNAVAILABLE: &str = r#"{"error":{"code":"store_unavailable","message":"etcd down"}}"#;
+const STATUS: &str = r#"{"name":"x","holder":null,"waiters":0}"#;
+
+/// A one-route HTTP/1.1 server that records when each request came.
+struct Stub {
+    url: String,
+    arrivals: Arc<Mutex<Vec<Instant>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Stub {
+    async fn start(answer: Answer) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let task = tokio::spawn({
+            let arrivals = arrivals.clone();
+            async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    tokio::spawn(serve(stream, arrivals.clone(), answer.clone()));
+                }
+            }
+        });
+        Ok(Self {
+            url,
+            arrivals,
+            task,
+        })
+    }
+
+    fn arrivals(&self) -> Vec<Instant> {
+        self.arrivals.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for Stub {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves one keep-alive connection: reads each request (headers, then `content-length` bytes)
+/// and writes the answer for it.
+async fn serve(mut stream: TcpStream, arrivals: Arc<Mutex<Vec<Instant>>>, answer: Answer) {
+    let mut buf = Vec::new();
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        while buf.len() < head_end + length {
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..head_end + length);
+        let n = {
+            let mut arrivals = arrivals.lock().expect("lock");
+            arrivals.push(Instant::now());
+            arrivals.len() - 1
+        };
+        let (status, retry_after, body) = answer(n);
+        let retry_after = retry_after
+            .map(|s| format!("retry-after: {s}\r\n"))
+            .unwrap_or_default();
+        let response = format!(
+            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry_after}\r\n{body}",
+            body.len()
+        );
+        if stream.write_all(response.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn gaps(arrivals: &[Instant]) -> Vec<Duration> {
+    arrivals.windows(2).map(|w| w[1] - w[0]).collect()
+}
+
+/// `503 overloaded` with `Retry-After: 1`: the client asks that endpoint again no sooner than a
+/// second later (then succeeds); meanwhile another endpoint is asked at once, and the paced one
+/// is not asked again by later calls while its pause lasts.
+#[tokio::test]
+async fn retry_after_is_honoured_per_endpoint() -> Result<()> {
+    let once = Stub::start(Arc::new(|n| match n {
+        0 => (503, Some("1"), OVERLOADED),
+        _ => (200, None, STATUS),
+    }))
+    .await?;
+    let client = Client::new(&once.url)?;
+    client.status("x").await?;
+    let arrivals = once.arrivals();
+    assert_eq!(arrivals.len(), 2);
+    let gap = gaps(&arrivals)[0];
+    assert!(
+        gap >= Duration::from_secs(1) && gap < Duration::from_millis(1500),
+        "{gap:?}"
+    );
+
+    let paced = Stub::start(Arc::new(|_| (503, Some("30"), OVERLOADED))).await?;
+    let healthy = Stub::start(Arc::new(|n| match n {
+        0 => (200, None, STATUS),
+        _ => (503, None, UNAVAILABLE),
+    }))
+    .await?;
+    let client = Client::builder()
+        .endpoints([paced.url.clone(), healthy.url.clone()])
+        .retry_budget(RetryBudget::unlimited())
+        .build()?;
+    let started = Instant::now();
+    client.status("x").await?;
+    assert!(started.elapsed() < Duration::from_millis(500));
+    // The healthy one fails now; the paced one is still not to be asked.
+    let err = client.status("x").await.unwrap_err();
+    assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+    assert_eq!(
+        paced.arrivals().len(),
+        1,
+        "asked again within its Retry-After"
+    );
+    assert!(healthy.arrivals().len() >= 3);
+    Ok(())
+}
+
+/// Clients sharing a retry budget facing a server that sheds everything: retries stay within
+/// the budget's share of requests (10 % here, plus 2 saved), not 3 per request as the attempt
+/// limit alone would allow. Each call ends with `Overloaded`.
+#[tokio::test]
+async fn retry_budget_bounds_retries() -> Result<()> {
+    let stub = Stub::start(Arc::new(|_| (503, None, OVERLOADED))).await?;
+    let policy = RetryPolicy {
+        max_attempts: 4,
+        backoff: Duration::ZERO,
+        max_backoff: Duration::ZERO,
+    };
+    let budget = RetryBudget::new(0.1, 0.0, 2.0);
+    let clients: Vec<Client> = (0..5)
+        .map(|_| {
+            Client::builder()
+                .endpoint(&stub.url)
+                .retry_policy(policy.clone())
+                .retry_budget(budget.clone())
+                .build()
+        })
+        .collect::<Result<_, _>>()?;
+    for round in 0..20 {
+        for client in &clients {
+            let err = client.status("x").await.unwrap_err();
+            assert!(matches!(err, Error::Overloaded { .. }), "{round}: {err:?}");
+        }
+    }
+    let requests = stub.arrivals().len();
+    assert!(
+        (100..=112).contains(&requests),
+        "{requests} requests for 100 calls"
+    );
+
+    let unbudgeted = Client::builder()
+        .endpoint(&stub.url)
+        .retry_policy(policy)
+        .retry_budget(RetryBudget::unlimited())
+        .build()?;
+    let before = stub.arrivals().len();
+    unbudgeted.status("x").await.unwrap_err();
+    assert_eq!(
+        stub.arrivals().len() - before,
+        4,
+        "without a budget: every attempt"
+    );
+    Ok(())
+}
+
+/// A refused connection never reached a server, so moving on to the next endpoint spends no
+/// retry budget: many callers whose replica was just killed all fail over, even with an empty
+/// budget (the demo's 200 buyers sharing one client, after a `kill -9`). A `503` retry still
+/// needs a token, so the budget is really empty here.
+#[tokio::test]
+async fn refused_connections_fail_over_without_spending_the_budget() -> Result<()> {
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        format!("http://{}", listener.local_addr()?)
+    };
+    let live = Stub::start(Arc::new(|_| (200, None, STATUS))).await?;
+    let empty = || RetryBudget::new(0.0, 0.0, 1.0);
+    let budget = empty();
+    assert!(budget.balance() >= 1.0);
+    // Spend the one saved token on a shed request, so the budget is empty.
+    let shedding = Stub::start(Arc::new(|_| (503, None, OVERLOADED))).await?;
+    let spender = Client::builder()
+        .endpoint(&shedding.url)
+        .retry_policy(RetryPolicy {
+            max_attempts: 4,
+            backoff: Duration::ZERO,
+            max_backoff: Duration::ZERO,
+        })
+        .retry_budget(budget.clone())
+        .build()?;
+    spender.status("x").await.unwrap_err();
+    assert_eq!(
+        shedding.arrivals().len(),
+        2,
+        "one try and one budgeted retry"
+    );
+    assert!(budget.balance() < 1.0, "the budget is spent");
+
+    for _ in 0..50 {
+        // A new client each time, so none has learnt to prefer the live endpoint.
+        let client = Client::builder()
+            .endpoint(&dead)
+            .endpoint(&live.url)
+            .retry_budget(budget.clone())
+            .build()?;
+        client
+            .status("x")
+            .await
+            .context("failing over from a refused connection")?;
+    }
+    assert_eq!(live.arrivals().len(), 50);
+    Ok(())
+}
+
+/// A replica was killed while the other one, overloaded, asked for a pause: the client waits
+/// for the live one rather than spending its attempts on the port that refuses, and if it must
+/// give up, it reports what the live one answered, not "could not connect".
+#[tokio::test]
+async fn a_refusing_endpoint_is_set_aside_while_a_live_one_asks_for_a_pause() -> Result<()> {
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        format!("http://{}", listener.local_addr()?)
+    };
+    // Overloaded at first (pause 1 s), then serving.
+    let live = Stub::start(Arc::new(|n| match n {
+        0 => (503, Some("1"), OVERLOADED),
+        _ => (200, None, STATUS),
+    }))
+    .await?;
+    // Two attempts per call, as for requests the client does not resend by itself.
+    let client = Client::builder()
+        .endpoint(&dead)
+        .endpoint(&live.url)
+        .retry_policy(RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        })
+        .retry_budget(RetryBudget::unlimited())
+        .build()?;
+    // Refused, then shed: the error is the live server's.
+    let err = client.status("x").await.unwrap_err();
+    assert!(matches!(err, Error::Overloaded { .. }), "{err:?}");
+    // The dead one is set aside: the second call waits out the pause and is served.
+    let started = Instant::now();
+    client
+        .status("x")
+        .await
+        .context("the live endpoint, after its pause")?;
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    assert_eq!(live.arrivals().len(), 2);
+    Ok(())
+}
+
+/// Between rounds over the endpoints the client pauses a random time up to the backoff ("full
+/// jitter"): spread over the whole range, so clients that failed together do not retry together.
+#[tokio::test]
+async fn backoff_between_rounds_has_full_jitter() -> Result<()> {
+    let stub = Stub::start(Arc::new(|_| (503, None, UNAVAILABLE))).await?;
+    let client = Client::builder()
+        .endpoint(&stub.url)
+        .retry_policy(RetryPolicy {
+            max_attempts: 2,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+        })
+        .retry_budget(RetryBudget::unlimited())
+        .build()?;
+    let mut pauses = Vec::new();
+    for _ in 0..20 {
+        let before = stub.arrivals().len();
+        client.status("x").await.unwrap_err();
+        let arrivals = stub.arrivals();
+        pauses.push(arrivals[before + 1] - arrivals[before]);
+    }
+    // At most the first round's 100 ms (not the 1 s cap), give or take a loaded machine.
+    assert!(
+        pauses.iter().all(|p| *p < Duration::from_millis(300)),
+        "{pauses:?}"
+    );
+    assert!(
+        pauses.iter().any(|p| *p < Duration::from_millis(40)),
+        "{pauses:?}"
+    );
+    assert!(
+        pauses.iter().any(|p| *p > Duration::from_millis(60)),
+        "{pauses:?}"
+    );
+    Ok(())
+}
+
+/// The CLI honours `Retry-After` too, and reports an overload that outlasts its retries as
+/// `overloaded` (exit 69) with the server's `Retry-After`.
+#[tokio::test]
+async fn cli_honours_retry_after() -> Result<()> {
+    let once = Stub::start(Arc::new(|n| match n {
+        0 => (503, Some("1"), OVERLOADED),
+        _ => (200, None, STATUS),
+    }))
+    .await?;
+    let started = Instant::now();
+    let output = tokio::process::Command::new(leasehold_tests::cli_bin!())
+        .args(["--endpoints", &once.url, "status", "x"])
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+
+    let always = Stub::start(Arc::new(|_| (503, Some("0.2"), OVERLOADED))).await?;
+    let output = tokio::process::Command::new(leasehold_tests::cli_bin!())
+        .args([
+            "--endpoints",
+            &always.url,
+            "--output",
+            "json",
+            "status",
+            "x",
+        ])
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(69), "{output:?}");
+    let error: serde_json::Value =
+        serde_json::from_slice(&output.stderr).context("a JSON error")?;
+    assert_eq!(error["error"]["code"], "overloaded", "{error}");
+    assert_eq!(error["error"]["retry_after_ms"], 200, "{error}");
+    let arrivals = always.arrivals();
+    assert_eq!(arrivals.len(), 4, "the default policy's four attempts");
+    assert!(
+        gaps(&arrivals)
+            .iter()
+            .all(|g| *g >= Duration::from_millis(200))
+    );
+    Ok(())
+}
