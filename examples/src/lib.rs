@@ -5,9 +5,11 @@
 //! # Layout
 //! - `ledger`: the fenced SQLite ledger and its audit (Kleppmann's token check, in one statement).
 //! - `servers`: starting and killing `leasehold-server` replicas for the run.
-//! - `buyers`: a buyer's shopping loop, and the chaos scenarios (stalled buyer and the buyer who
-//!   takes the seat over).
-//! - `report`: the summary table.
+//! - `buyers`: a buyer's shopping loop (alone or as a group of friends wanting adjacent seats,
+//!   with patience for servers that shed it), and the chaos scenarios (stalled buyer and the
+//!   buyer who takes the seat over).
+//! - `report`: the summary table, and the side-by-side of a flash sale at 1x and 5x the buyers
+//!   ([`compare`]).
 //!
 //! # Usage
 //! ```no_run
@@ -16,6 +18,10 @@
 //! let report = concert::run(options).await?;
 //! println!("{report}");
 //! assert_eq!(report.audit.double_sold, 0);
+//!
+//! // A flash sale: the same sale at 1x and 5x the buyers, goodputs side by side.
+//! let comparison = concert::compare(concert::Options::default().with_buyers(1000)).await?;
+//! println!("{comparison}");
 //! # Ok(()) }
 //! ```
 
