@@ -9,6 +9,10 @@
 //! Like `reqwest::blocking`, these calls must not be made from inside an async runtime (they
 //! panic there); use the async [`crate::Client`] instead.
 //!
+//! Besides plain locks: semaphores and read-write locks through the [`LockBuilder`]
+//! (`.limit(n)`, `.shared()`, `.exclusive()`), and leader election ([`Client::election`]:
+//! campaign, leader). Groups, watches and `run_while_held` need futures: use the async client.
+//!
 //! ```no_run
 //! # fn example() -> Result<(), leasehold::Error> {
 //! use std::time::Duration;
@@ -31,7 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::{
-    ClientBuilder, Error, FencingToken, Handle, LeaseId, LeaseInfo, LockStatus, LostReason,
+    ClientBuilder, Error, FencingToken, Handle, Leader, LeaseId, LeaseInfo, LockStatus, LostReason,
 };
 
 /// The runtime behind a blocking client, shared by its guards and leases. Shut down without
@@ -115,7 +119,16 @@ impl Client {
         }
     }
 
-    /// Who holds lock `name` and how many wait.
+    /// Election `name`: campaign to lead it, or see who leads (see
+    /// [`crate::Client::election`]).
+    pub fn election<'a>(&self, name: impl Into<String>) -> Election<'a> {
+        Election {
+            inner: self.inner.election(name),
+            runtime: self.runtime.clone(),
+        }
+    }
+
+    /// Who holds lock `name` and who waits, in order.
     pub fn status(&self, name: &str) -> Result<LockStatus, Error> {
         self.runtime.block_on(self.inner.status(name))
     }
@@ -213,6 +226,27 @@ impl<'a> LockBuilder<'a> {
     /// Hold the lock under this lease (see [`crate::LockBuilder::lease`]).
     pub fn lease(self, lease: &'a Lease) -> Self {
         self.map(|b| b.lease(lease.inner()))
+    }
+
+    /// A semaphore of up to `limit` holders (see [`crate::LockBuilder::limit`]).
+    pub fn limit(self, limit: u32) -> Self {
+        self.map(|b| b.limit(limit))
+    }
+
+    /// A read-write lock's reader (see [`crate::LockBuilder::shared`]).
+    pub fn shared(self) -> Self {
+        self.map(|b| b.shared())
+    }
+
+    /// A read-write lock's writer (see [`crate::LockBuilder::exclusive`]).
+    pub fn exclusive(self) -> Self {
+        self.map(|b| b.exclusive())
+    }
+
+    /// While waiting, tell `on_position` how many are ahead in line (see
+    /// [`crate::LockBuilder::on_position`]); it runs on the client's background thread.
+    pub fn on_position(self, on_position: impl FnMut(u64) + Send + 'static) -> Self {
+        self.map(|b| b.on_position(on_position))
     }
 
     fn map(self, f: impl FnOnce(crate::LockBuilder<'a>) -> crate::LockBuilder<'a>) -> Self {
@@ -330,6 +364,119 @@ fn release_on(
         runtime.handle().spawn(release);
     } else if let Err(err) = runtime.block_on(release) {
         tracing::debug!(error = %err, "releasing on drop failed");
+    }
+}
+
+/// An election; from [`Client::election`]. The options apply to [`Election::campaign`]; they
+/// are those of [`crate::Election`].
+#[derive(Debug, Clone)]
+pub struct Election<'a> {
+    inner: crate::Election<'a>,
+    runtime: Arc<Runtime>,
+}
+
+impl<'a> Election<'a> {
+    fn map(self, f: impl FnOnce(crate::Election<'a>) -> crate::Election<'a>) -> Self {
+        Self {
+            inner: f(self.inner),
+            runtime: self.runtime,
+        }
+    }
+
+    /// The TTL of the lease a leadership gets.
+    pub fn ttl(self, ttl: Duration) -> Self {
+        self.map(|e| e.ttl(ttl))
+    }
+
+    /// How long a campaign waits to lead (default: as long as it takes).
+    pub fn wait(self, wait: Duration) -> Self {
+        self.map(|e| e.wait(wait))
+    }
+
+    /// Who is campaigning, shown to others.
+    pub fn owner(self, owner: impl Into<String>) -> Self {
+        self.map(|e| e.owner(owner))
+    }
+
+    /// Lead under this lease (see [`crate::Election::lease`]).
+    pub fn lease(self, lease: &'a Lease) -> Self {
+        self.map(|e| e.lease(lease.inner()))
+    }
+
+    /// Campaigns with `value` and blocks until this process leads (or the wait runs out: see
+    /// [`crate::Election::campaign`]).
+    pub fn campaign(&self, value: impl Into<String>) -> Result<Leadership, Error> {
+        let leadership = self.runtime.block_on(self.inner.campaign(value))?;
+        Ok(Leadership {
+            inner: Some(leadership),
+            runtime: self.runtime.clone(),
+        })
+    }
+
+    /// Who leads now (`None`: nobody).
+    pub fn leader(&self) -> Result<Option<Leader>, Error> {
+        self.runtime.block_on(self.inner.leader())
+    }
+}
+
+/// Leadership of an election, renewed in the background; resigned by [`Leadership::resign`] or
+/// on drop.
+#[derive(Debug)]
+pub struct Leadership {
+    /// `None` once resigned.
+    inner: Option<crate::Leadership>,
+    runtime: Arc<Runtime>,
+}
+
+impl Leadership {
+    fn inner(&self) -> &crate::Leadership {
+        self.inner.as_ref().expect("present until consumed")
+    }
+
+    /// The election's name.
+    pub fn name(&self) -> &str {
+        self.inner().name()
+    }
+
+    /// The epoch: strictly greater than every earlier leader's (fence with it).
+    pub fn epoch(&self) -> FencingToken {
+        self.inner().epoch()
+    }
+
+    /// The value this leader campaigned with.
+    pub fn value(&self) -> &str {
+        self.inner().value()
+    }
+
+    /// The lease the leadership is held under.
+    pub fn lease_id(&self) -> &LeaseId {
+        self.inner().lease_id()
+    }
+
+    /// True while this process may act as the leader.
+    pub fn is_held(&self) -> bool {
+        self.inner().is_held()
+    }
+
+    /// Blocks until the leadership is lost or `timeout` passes: `Some(reason)` if it was lost.
+    pub fn lost_within(&self, timeout: Duration) -> Option<LostReason> {
+        self.runtime
+            .block_on(async { tokio::time::timeout(timeout, self.inner().lost()).await })
+            .ok()
+    }
+
+    /// Resigns now: the next candidate leads.
+    pub fn resign(mut self) -> Result<(), Error> {
+        let leadership = self.inner.take().expect("present until consumed");
+        self.runtime.block_on(leadership.resign())
+    }
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        if let Some(leadership) = self.inner.take() {
+            release_on(&self.runtime, leadership.resign());
+        }
     }
 }
 

@@ -280,6 +280,7 @@ impl Client {
         let mut cursor = inner.preferred.load(Ordering::Relaxed);
         let (mut round, mut tried_in_round) = (0u32, 0usize);
         let mut last_error = None;
+        let mut last_error_refused = false;
         // Whether the last attempt failed before its request left this client (connection
         // refused, TLS handshake failed): its retry costs no server any work, so, like gRPC's
         // transparent retries, it spends no budget. A fleet of callers whose replica was just
@@ -333,12 +334,7 @@ impl Client {
             if let Some(handle) = handle {
                 request = request.header(HANDLE_HEADER, handle.reveal());
             }
-            if let Some(token) = &inner.bearer_token {
-                request = request.bearer_auth(&token.0);
-            }
-            if let Some(traceparent) = crate::trace::traceparent() {
-                request = request.header("traceparent", traceparent);
-            }
+            request = self.authorize(request);
             let sent = Instant::now();
             let mut never_sent = false;
             let outcome = async {
@@ -352,6 +348,9 @@ impl Client {
                 Ok::<_, reqwest::Error>((status, retry_after, response.bytes().await?))
             }
             .await;
+            if outcome.is_ok() {
+                inner.pacing.answered(index);
+            }
             let error = match outcome {
                 Ok((status, _, bytes)) if (200..300).contains(&status) => {
                     inner.preferred.store(index, Ordering::Relaxed);
@@ -379,6 +378,12 @@ impl Client {
                 // server fences releases against later re-acquires.
                 Err(err) => {
                     never_sent = err.is_connect();
+                    if never_sent {
+                        // Nothing listens there (a killed replica): the next attempts go to the
+                        // others, even to one that asked for a pause, rather than back to a port
+                        // that refuses at once.
+                        inner.pacing.refused(index);
+                    }
                     Error::Transport {
                         endpoint: endpoint.clone(),
                         message: if err.is_timeout() {
@@ -395,13 +400,98 @@ impl Client {
             };
             last_never_sent = never_sent;
             tracing::info!(%endpoint, %path, error = %error, "attempt failed");
-            last_error = Some(error);
+            // What a server answered (overloaded, etcd unavailable) says more than a refused
+            // connection to another: it is the error reported if no attempt succeeds.
+            if !(never_sent && last_error.is_some() && !last_error_refused) {
+                last_error = Some(error);
+                last_error_refused = never_sent;
+            }
         }
         Err(last_error.unwrap_or_else(|| Error::Transport {
             endpoint: inner.endpoints[cursor % n].clone(),
             message: "no time left to send the request before its deadline".into(),
             source: Box::new(std::io::Error::from(std::io::ErrorKind::TimedOut)),
         }))
+    }
+}
+
+impl Client {
+    /// Adds the bearer token and the caller's trace to a request.
+    fn authorize(&self, mut request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        if let Some(token) = &self.inner.bearer_token {
+            request = request.bearer_auth(&token.0);
+        }
+        if let Some(traceparent) = crate::trace::traceparent() {
+            request = request.header("traceparent", traceparent);
+        }
+        request
+    }
+
+    /// Opens the Server-Sent Events stream at `path`, resuming after `last_event_id`: on the
+    /// first endpoint that answers 200, starting at the preferred one and trying each once. Each
+    /// gets the request timeout to answer with its headers; the body then streams unbounded (the
+    /// reader bounds the silence between events). An answer other than 200, 503 or an overload
+    /// is returned at once; otherwise the last error, after every endpoint was tried.
+    pub(crate) async fn open_stream(
+        &self,
+        path: &str,
+        last_event_id: Option<i64>,
+    ) -> Result<reqwest::Response, Error> {
+        let inner = &self.inner;
+        let n = inner.endpoints.len();
+        let start = inner.preferred.load(Ordering::Relaxed);
+        let mut last_error = None;
+        for k in 0..n {
+            let index = (start + k) % n;
+            let endpoint = &inner.endpoints[index];
+            let mut request = inner
+                .http
+                .get(format!("{endpoint}{path}"))
+                .header(reqwest::header::ACCEPT, "text/event-stream");
+            if let Some(id) = last_event_id {
+                request = request.header("Last-Event-ID", id.to_string());
+            }
+            request = self.authorize(request);
+            let error = match tokio::time::timeout(inner.request_timeout, request.send()).await {
+                Ok(Ok(response)) if response.status().is_success() => {
+                    inner.preferred.store(index, Ordering::Relaxed);
+                    return Ok(response);
+                }
+                Ok(Ok(response)) => {
+                    let status = response.status().as_u16();
+                    let retry_after = response
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(parse_retry_after);
+                    let bytes = response.bytes().await.unwrap_or_default();
+                    let error = from_response(status, &bytes, retry_after);
+                    if !(status == 503 || matches!(error, Error::Overloaded { .. })) {
+                        return Err(error);
+                    }
+                    if let Some(retry_after) = retry_after {
+                        inner.pacing.defer(index, Instant::now() + retry_after);
+                    }
+                    error
+                }
+                Ok(Err(err)) => Error::Transport {
+                    endpoint: endpoint.clone(),
+                    message: describe(&err),
+                    source: Box::new(err),
+                },
+                Err(_) => Error::Transport {
+                    endpoint: endpoint.clone(),
+                    message: format!(
+                        "timed out after {}",
+                        humantime::format_duration(round_ms(inner.request_timeout))
+                    ),
+                    source: Box::new(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+                },
+            };
+            tracing::info!(%endpoint, %path, error = %error, "could not open the stream");
+            last_error = Some(error);
+        }
+        Err(last_error.expect("a client has at least one endpoint"))
     }
 }
 

@@ -27,6 +27,16 @@ pub enum Error {
         /// The holder when the server gave up, if any (it may have been freed meanwhile).
         holder: Option<Holder>,
     },
+    /// `409 limit_mismatch` or `409 mode_mismatch`: the acquire disagrees with the lock's other
+    /// holders and waiters about what kind of lock the name is: another semaphore limit, or a
+    /// read-write mode asked of a plain mutex (or the reverse). Nothing was queued.
+    #[error("{message} ({code})")]
+    Mismatch {
+        /// `limit_mismatch` or `mode_mismatch`.
+        code: String,
+        /// The server's message.
+        message: String,
+    },
     /// `409 not_holder`: this token does not hold the lock (never did, or the hold ended).
     #[error("this token does not hold the lock (the hold ended or never existed)")]
     NotHolder,
@@ -147,7 +157,8 @@ impl Error {
             Error::NotFound { .. } => "not_found",
             Error::InvalidInput { code, .. }
             | Error::Unavailable { code, .. }
-            | Error::Overloaded { code, .. } => code,
+            | Error::Overloaded { code, .. }
+            | Error::Mismatch { code, .. } => code,
             Error::Unauthorized { .. } => "unauthorized",
             Error::Forbidden { .. } => "forbidden",
             Error::QuotaExceeded { .. } => "quota_exceeded",
@@ -226,6 +237,7 @@ pub(crate) fn from_response(status: u16, body: &[u8], retry_after: Option<Durati
             }),
         },
         (409, "not_holder") => Error::NotHolder,
+        (409, "limit_mismatch" | "mode_mismatch") => Error::Mismatch { code, message },
         (401, "unauthorized") => Error::Unauthorized { message },
         (403, "forbidden") => Error::Forbidden { message },
         (429, "quota_exceeded") => Error::QuotaExceeded { message },
@@ -284,6 +296,15 @@ mod tests {
         assert!(matches!(map(404, "lease_not_found"), Error::LeaseNotFound));
         assert!(matches!(map(404, "not_found"), Error::NotFound { .. }));
         assert!(matches!(map(409, "not_holder"), Error::NotHolder));
+        for code in ["limit_mismatch", "mode_mismatch"] {
+            let err = map(409, code);
+            assert!(
+                matches!(&err, Error::Mismatch { code: c, .. } if c == code),
+                "{code}"
+            );
+            assert_eq!(err.code(), code);
+            assert!(!err.is_retryable());
+        }
         assert!(matches!(
             map(401, "unauthorized"),
             Error::Unauthorized { .. }

@@ -1,8 +1,7 @@
-//! Locks: the acquire builder, the guard that renews and releases, and lock status.
+//! Locks: the acquire builder (mutex, semaphore, read-write), the guard that renews and
+//! releases, and lock status.
 
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::Method;
@@ -10,10 +9,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::client::{Client, encode, humantime_ms};
+use crate::acquire::{self, Hold, LockKind, Options, PositionFn, Target};
+use crate::client::{Client, encode};
 use crate::error::Error;
-use crate::hold::{HoldWatch, Keeper, LostReason, RenewFn};
-use crate::lease::{Handle, Lease, LeaseId, Slot};
+use crate::hold::LostReason;
+use crate::lease::{Handle, Lease, LeaseId};
 use crate::token::FencingToken;
 
 /// The TTL of the lease a lock gets when neither `.ttl()` nor `.lease()` is given.
@@ -31,22 +31,65 @@ pub struct Holder {
     pub lease_id: Option<LeaseId>,
 }
 
-/// Who holds a lock and how many wait (`GET /v1/locks/{name}`).
+/// One entry of a lock's queue: a holder or a waiter (never its handle).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueEntry {
+    /// How many entries are ahead of it: 0 for the first holder.
+    pub position: u64,
+    /// Its fencing token (the one it holds with, or will get when granted).
+    pub token: FencingToken,
+    /// The lease it holds or waits under.
+    pub lease_id: LeaseId,
+    /// Who, if they said.
+    pub owner: Option<String>,
+    /// `shared` or `exclusive` for a read-write lock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// A candidate's value, in an election.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// True if it holds now.
+    pub holds: bool,
+}
+
+/// Who holds a lock and who waits, in order (`GET /v1/locks/{name}`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockStatus {
     /// The lock name.
     pub name: String,
-    /// The holder, if any.
+    /// The (first) holder, if any.
     pub holder: Option<Holder>,
-    /// Waiters queued behind the holder.
+    /// Waiters queued behind the holders.
     pub waiters: u64,
+    /// A semaphore's limit (1 for a mutex); absent for a read-write lock or a free lock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// Holders, then waiters, in order (the server lists at most 1,000).
+    #[serde(default)]
+    pub queue: Vec<QueueEntry>,
 }
 
-#[derive(Deserialize)]
-struct Acquired {
-    token: FencingToken,
-    ttl_ms: u64,
-    owner: Option<String>,
+impl LockStatus {
+    /// How many queue entries are ahead of the one of lease `lease` (0: it is first), or
+    /// `None` if that lease holds or waits for nothing here.
+    pub fn position_of(&self, lease: &LeaseId) -> Option<u64> {
+        self.queue
+            .iter()
+            .find(|e| &e.lease_id == lease)
+            .map(|e| e.position)
+    }
+
+    /// The token with which lease `lease` holds this lock now, if it does.
+    pub(crate) fn held_by(&self, lease: &LeaseId) -> Option<FencingToken> {
+        match self.queue.iter().find(|e| &e.lease_id == lease) {
+            Some(entry) => entry.holds.then_some(entry.token),
+            None => self
+                .holder
+                .as_ref()
+                .filter(|h| h.lease_id.as_ref() == Some(lease))
+                .map(|h| h.token),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -56,19 +99,18 @@ struct Renewed {
 
 impl Client {
     /// Starts acquiring lock `name`; finish with [`LockBuilder::acquire`] or
-    /// [`LockBuilder::try_acquire`].
+    /// [`LockBuilder::try_acquire`]. A mutex unless [`LockBuilder::limit`] (a semaphore) or
+    /// [`LockBuilder::shared`] / [`LockBuilder::exclusive`] (a read-write lock) say otherwise.
     pub fn lock<'a>(&self, name: impl Into<String>) -> LockBuilder<'a> {
         LockBuilder {
-            client: self.clone(),
+            options: Options::new(self, Some(Duration::ZERO)),
             name: name.into(),
-            ttl: None,
-            wait: Some(Duration::ZERO),
-            owner: None,
-            lease: None,
+            kind: LockKind::Mutex,
+            positions: None,
         }
     }
 
-    /// Who holds lock `name` and how many wait.
+    /// Who holds lock `name` and who waits, in order.
     pub async fn status(&self, name: &str) -> Result<LockStatus, Error> {
         let path = format!("/v1/locks/{}", encode(name));
         self.call(Method::GET, &path, None, None, || (None, Duration::ZERO))
@@ -105,7 +147,7 @@ impl Client {
     }
 
     /// [`Client::renew`], confirmed before `deadline` or not at all.
-    async fn renew_before(
+    pub(crate) async fn renew_before(
         &self,
         name: &str,
         token: FencingToken,
@@ -127,23 +169,17 @@ impl Client {
 #[derive(Debug)]
 #[must_use = "call .acquire() or .try_acquire()"]
 pub struct LockBuilder<'a> {
-    client: Client,
+    options: Options<'a>,
     name: String,
-    ttl: Option<Duration>,
-    /// `None`: wait as long as it takes.
-    wait: Option<Duration>,
-    owner: Option<String>,
-    lease: Option<&'a Lease>,
+    kind: LockKind,
+    positions: Option<PositionFn>,
 }
-
-/// One acquire request in flight.
-type Link<'b> = Pin<Box<dyn Future<Output = Result<Acquired, Error>> + Send + 'b>>;
 
 impl<'a> LockBuilder<'a> {
     /// The TTL of the lease this lock gets (default [`DEFAULT_TTL`]; etcd's minimum is 2 s).
     /// Not with [`LockBuilder::lease`].
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = Some(ttl);
+        self.options.ttl = Some(ttl);
         self
     }
 
@@ -151,20 +187,20 @@ impl<'a> LockBuilder<'a> {
     /// longer than a server grants in one request (its `--max-wait`) is chained from several
     /// requests that keep the same place in line.
     pub fn wait(mut self, wait: Duration) -> Self {
-        self.wait = Some(wait);
+        self.options.wait = Some(wait);
         self
     }
 
     /// Wait in line as long as it takes (as `flock`, `etcdctl lock` and `consul lock` do by
     /// default). Cancel by dropping the future; a lease granted for the acquire is revoked.
     pub fn wait_forever(mut self) -> Self {
-        self.wait = None;
+        self.options.wait = None;
         self
     }
 
     /// Who is asking, shown to others who find the lock held.
     pub fn owner(mut self, owner: impl Into<String>) -> Self {
-        self.owner = Some(owner.into());
+        self.options.owner = Some(owner.into());
         self
     }
 
@@ -176,7 +212,40 @@ impl<'a> LockBuilder<'a> {
     /// would answer it with the same hold, and releasing either guard would end both); while a
     /// dropped guard's release is under way, it waits for the release.
     pub fn lease(mut self, lease: &'a Lease) -> Self {
-        self.lease = Some(lease);
+        self.options.lease = Some(lease);
+        self
+    }
+
+    /// A **semaphore**: up to `limit` holders at once, each with its own token; the next waits
+    /// in line (FIFO) as for a mutex. Everyone acquiring this name must give the same limit
+    /// (otherwise [`Error::Mismatch`] with code `limit_mismatch`). `limit(1)` is a mutex.
+    pub fn limit(mut self, limit: u32) -> Self {
+        self.kind = LockKind::Limit(limit);
+        self
+    }
+
+    /// A **read-write lock**, as a reader: shared holders hold together; an exclusive request
+    /// waits for the readers ahead of it and blocks the readers behind it (writers do not
+    /// starve). A name used as a plain mutex refuses it ([`Error::Mismatch`], `mode_mismatch`).
+    pub fn shared(mut self) -> Self {
+        self.kind = LockKind::Shared;
+        self
+    }
+
+    /// A **read-write lock**, as a writer: holds alone (see [`LockBuilder::shared`]).
+    pub fn exclusive(mut self) -> Self {
+        self.kind = LockKind::Exclusive;
+        self
+    }
+
+    /// While the acquire waits in line, tell `on_position` how many queue entries (holders
+    /// and waiters) are ahead of it, each time that number changes: "3 ahead of you", then 2,
+    /// then 1, then the grant. It runs on the runtime's threads, so keep it short (send the
+    /// number to a channel, print it). The count comes from a watch of the lock's queue
+    /// ([`Client::watch`]) opened for the wait; if no watch can be had, positions are simply
+    /// not reported, and the acquire is not affected.
+    pub fn on_position(mut self, on_position: impl FnMut(u64) + Send + 'static) -> Self {
+        self.positions = Some(PositionFn(Box::new(on_position)));
         self
     }
 
@@ -194,419 +263,103 @@ impl<'a> LockBuilder<'a> {
     /// that is cancelled (its future dropped) or ends without an answer releases in the
     /// background whatever the server may have granted it.
     pub async fn acquire(self) -> Result<LockGuard, Error> {
-        if self.ttl.is_some() && self.lease.is_some() {
-            return Err(Error::client_input(
-                "give either a ttl or a lease, not both",
-            ));
-        }
-        if self.name.is_empty() {
-            return Err(Error::client_input("lock name is empty"));
-        }
-        let (lease_id, handle, lease_watch, mut owned, slots) = match self.lease {
-            Some(lease) => (
-                lease.id().clone(),
-                lease.handle().clone(),
-                lease.watch(),
-                None,
-                lease.slots.clone(),
-            ),
-            None => {
-                let lease = self
-                    .client
-                    .grant_lease_for(self.ttl.unwrap_or(DEFAULT_TTL), self.owner.clone())
-                    .await?;
-                let slots = lease.slots.clone();
-                (
-                    lease.id().clone(),
-                    lease.handle().clone(),
-                    lease.watch(),
-                    Some(lease),
-                    slots,
-                )
-            }
-        };
-        let mut pending = PendingAcquire {
-            slot: Some(slots.take(&self.name).await?),
-            // A lease granted for this acquire alone is revoked on failure, which frees all.
-            clean_up: owned.is_none().then(|| CleanUp {
-                client: self.client.clone(),
-                name: self.name.clone(),
-                lease_id: lease_id.clone(),
-                handle: handle.clone(),
-            }),
-        };
-        let result = tokio::select! {
-            result = self.request(&lease_id, &handle) => result,
-            // Our lease died while we waited: nothing granted now could be kept anyway.
-            reason = lease_watch.lost() => Err(Error::LeaseLost(reason)),
-        };
-        let acquired = match result {
-            Ok(acquired) => acquired,
-            Err(err) => {
-                // An answer from the server means it left nothing of ours in the queue; without
-                // one (timeouts, 503s), it may have granted: the pending acquire cleans up.
-                if !(err.is_retryable() || matches!(err, Error::Unexpected { .. })) {
-                    pending.clean_up = None;
-                }
-                drop(pending);
-                if let Some(lease) = owned.take()
-                    && let Err(revoke) = lease.revoke().await
-                {
-                    tracing::warn!(error = %revoke, "could not revoke the lease of a failed acquire; it will expire");
-                }
-                return Err(err);
-            }
-        };
-        pending.clean_up = None;
-        let slot = pending.slot.take();
-        // The hold is as fresh as the lease's last confirmed keep-alive; from now on lock
-        // renewals (which also refresh the lease) keep both.
-        let lease_state = lease_watch.state();
-        if let Some(lease) = owned.as_mut() {
-            lease.pause_keepalive();
-        }
-        let renew: RenewFn = Arc::new({
-            let (client, name, token, handle) = (
-                self.client.clone(),
-                self.name.clone(),
-                acquired.token,
-                handle.clone(),
-            );
-            move |deadline| {
-                let (client, name, handle) = (client.clone(), name.clone(), handle.clone());
-                Box::pin(async move {
-                    client
-                        .renew_before(&name, token, &handle, Some(deadline))
-                        .await
-                })
-            }
-        });
-        let keeper = Keeper::start(
-            lease_state.confirmed_at,
-            lease_state.ttl.min(Duration::from_millis(acquired.ttl_ms)),
-            self.client.inner.safety_margin,
-            renew,
-            format!("lock {:?} token {}", self.name, acquired.token),
-        );
-        Ok(LockGuard {
-            client: self.client.clone(),
+        let target = Target::Lock {
             name: self.name,
-            token: acquired.token,
-            lease_id,
-            handle,
-            owner: acquired.owner,
-            keeper,
-            shared_lease: owned.is_none().then_some(lease_watch),
-            owned_lease: owned,
-            slot,
-            released: false,
-        })
-    }
-
-    /// The acquire request: resent (with the wait left) after timeouts and fail-overs, and
-    /// after the one early `lock_held` a resumed wait can get when the server cleans up an
-    /// abandoned attempt.
-    ///
-    /// A wait longer than one request may ask of a server is a chain of requests ("links"): the
-    /// next link is sent while the previous one still waits, so that it takes over the same
-    /// waiter key (same place in line) before the previous link's server gives up and deletes
-    /// the key. Only the latest link's answer counts; an earlier link's answer is ignored (its
-    /// clean-up no longer matches the key, which the later link rewrote).
-    async fn request(&self, lease_id: &LeaseId, handle: &Handle) -> Result<Acquired, Error> {
-        let path = format!("/v1/locks/{}/acquire", encode(&self.name));
-        // `None`: wait as long as it takes.
-        let until = self.wait.and_then(|wait| Instant::now().checked_add(wait));
-        let start_link = |now: Instant| -> (Link<'_>, Instant, Duration) {
-            let longest = self.client.inner.server_max_wait();
-            let end = match until {
-                Some(until) if until <= now + longest => until,
-                _ => now + longest,
-            };
-            let link = Box::pin(self.link(&path, lease_id, handle, end));
-            (link, end, end - now)
+            kind: self.kind,
         };
-        let (mut current, mut current_end, mut current_wait) = start_link(Instant::now());
-        let mut previous: Option<Link<'_>> = None;
-        loop {
-            let chained = until.is_none_or(|until| until > current_end);
-            // Time enough for the next link to reach the server before this one's wait ends.
-            let next_at = current_end - (current_wait / 4).min(CHAIN_OVERLAP);
-            tokio::select! {
-                result = &mut current => match result {
-                    Err(Error::LockHeld { .. })
-                        if until.is_none_or(|until| {
-                            until.saturating_duration_since(Instant::now()) > Duration::from_millis(200)
-                        }) =>
-                    {
-                        tracing::debug!(lock = %self.name, "lock_held before the wait ran out; asking again");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        previous = None;
-                        (current, current_end, current_wait) = start_link(Instant::now());
-                    }
-                    Err(Error::InvalidInput { code, message })
-                        if code == "invalid_wait" && current_wait > MIN_LINK_WAIT =>
-                    {
-                        // The server allows shorter waits than we asked: learn its maximum (or
-                        // halve), and ask again; the refused request changed nothing.
-                        let max = server_max_wait(&message)
-                            .filter(|max| *max < current_wait)
-                            .unwrap_or(current_wait / 2)
-                            .max(MIN_LINK_WAIT);
-                        tracing::debug!(lock = %self.name, max = ?max, "the server's --max-wait is shorter; chaining shorter waits");
-                        self.client.inner.lower_server_max_wait(max);
-                        previous = None;
-                        (current, current_end, current_wait) = start_link(Instant::now());
-                    }
-                    other => return other,
-                },
-                () = settle(&mut previous), if previous.is_some() => previous = None,
-                () = tokio::time::sleep_until(next_at), if chained && previous.is_none() => {
-                    tracing::debug!(lock = %self.name, "still waiting: asking again before the server's wait ends");
-                    let (next, end, wait) = start_link(Instant::now());
-                    previous = Some(std::mem::replace(&mut current, next));
-                    (current_end, current_wait) = (end, wait);
-                }
-            }
-        }
-    }
-
-    /// One acquire request, waiting on the server until `until`.
-    async fn link(
-        &self,
-        path: &str,
-        lease_id: &LeaseId,
-        handle: &Handle,
-        until: Instant,
-    ) -> Result<Acquired, Error> {
-        self.client
-            .call(Method::POST, path, Some(handle), None, || {
-                let remaining = until.saturating_duration_since(Instant::now());
-                let mut body = json!({
-                    "lease_id": lease_id,
-                    "wait": humantime_ms(remaining),
-                });
-                if let Some(owner) = &self.owner {
-                    body["owner"] = owner.clone().into();
-                }
-                // The attempt may take the whole wait before the server answers.
-                (Some(body), remaining)
-            })
-            .await
+        let hold = acquire::acquire(&self.options, target, self.positions).await?;
+        Ok(LockGuard { hold })
     }
 }
 
-/// How long a chained wait's next request overlaps the previous one at most.
-const CHAIN_OVERLAP: Duration = Duration::from_secs(5);
-
-/// The shortest wait one request of a chain asks for.
-const MIN_LINK_WAIT: Duration = Duration::from_secs(1);
-
-/// Runs an earlier link of a chained wait to its end (its answer no longer counts).
-async fn settle(link: &mut Option<Link<'_>>) {
-    match link {
-        Some(link) => drop(link.await),
-        None => std::future::pending().await,
-    }
-}
-
-/// The longest wait a server allows, from its `invalid_wait` message ("`wait` is above the
-/// maximum of 5m").
-fn server_max_wait(message: &str) -> Option<Duration> {
-    let (_, rest) = message.split_once("maximum of ")?;
-    humantime::parse_duration(rest.trim().trim_end_matches('.')).ok()
-}
-
-/// An acquire under a shared lease between sending and answer: dropped before it is finished
-/// (the caller cancelled, or no answer came), it releases in the background whatever the server
-/// may have granted, since the shared lease lives on and would keep such a hold for nobody.
-struct PendingAcquire {
-    slot: Option<Slot>,
-    clean_up: Option<CleanUp>,
-}
-
-struct CleanUp {
-    client: Client,
-    name: String,
-    lease_id: LeaseId,
-    handle: Handle,
-}
-
-impl Drop for PendingAcquire {
-    fn drop(&mut self) {
-        let (Some(clean_up), Ok(runtime)) =
-            (self.clean_up.take(), tokio::runtime::Handle::try_current())
-        else {
-            return;
-        };
-        // Until the clean-up is over, a new acquire of this lock under this lease waits.
-        let slot = self.slot.take().map(Slot::releasing);
-        runtime.spawn(async move {
-            let CleanUp {
-                client,
-                name,
-                lease_id,
-                handle,
-            } = clean_up;
-            // A waiter key that did not become the holder is the server's to delete (it does
-            // when the request ends without a grant); a grant is ours to release.
-            match client.status(&name).await {
-                Ok(LockStatus {
-                    holder: Some(holder),
-                    ..
-                }) if holder.lease_id.as_ref() == Some(&lease_id) => {
-                    tracing::debug!(lock = %name, token = %holder.token, "releasing the grant of an abandoned acquire");
-                    if let Err(err) = client.release(&name, holder.token, &handle).await {
-                        tracing::warn!(lock = %name, error = %err, "could not release the grant of an abandoned acquire");
-                    }
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::warn!(lock = %name, error = %err, "could not check for the grant of an abandoned acquire");
-                }
-            }
-            drop(slot);
-        });
-    }
-}
-
-/// A held lock. Renews itself in the background while it lives; released on
+/// A held lock (a mutex, one of a semaphore's holders, or a read-write lock's reader or
+/// writer). Renews itself in the background while it lives; released on
 /// [`LockGuard::release`] or, in the background, on drop.
 ///
-/// Check [`LockGuard::is_held`] (or await [`LockGuard::lost`]) before acting on the protected
-/// resource, and pass [`LockGuard::token`] along with every write.
+/// Check [`LockGuard::is_held`] (or await [`LockGuard::lost`], or run the work with
+/// [`LockGuard::run_while_held`]) before acting on the protected resource, and pass
+/// [`LockGuard::token`] along with every write.
 #[derive(Debug)]
 pub struct LockGuard {
-    client: Client,
-    name: String,
-    token: FencingToken,
-    lease_id: LeaseId,
-    handle: Handle,
-    owner: Option<String>,
-    keeper: Keeper,
-    /// The caller's lease, when the lock was taken under one: its loss is ours.
-    shared_lease: Option<HoldWatch>,
-    /// The lease the acquire granted for this lock alone: revoked with the lock.
-    owned_lease: Option<Lease>,
-    /// This lock's place among the lease's holds (one guard per lock and lease).
-    slot: Option<Slot>,
-    released: bool,
+    hold: Hold,
 }
 
 impl LockGuard {
     /// The fencing token of this hold.
     pub fn token(&self) -> FencingToken {
-        self.token
+        self.hold.token()
     }
 
     /// The lock name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.hold.target().names()[0]
     }
 
     /// The lease the lock is held under.
     pub fn lease_id(&self) -> &LeaseId {
-        &self.lease_id
+        self.hold.lease_id()
     }
 
     /// The handle of that lease (secret): with it and the token, another process can renew or
     /// release this hold.
     pub fn handle(&self) -> &Handle {
-        &self.handle
+        self.hold.handle()
     }
 
     /// Who holds it, as the server recorded.
     pub fn owner(&self) -> Option<&str> {
-        self.owner.as_deref()
+        self.hold.owner()
     }
 
     /// The TTL the server last confirmed.
     pub fn ttl(&self) -> Duration {
-        self.keeper.watch().state().ttl
+        self.hold.ttl()
     }
 
     /// True while the hold is safe to act on: not lost by the client-side timer (no renewal
     /// confirmed within `TTL - safety margin` of its sending), not refused by the server, not
     /// released, and (if taken under a shared lease) that lease is alive too.
     pub fn is_held(&self) -> bool {
-        self.keeper.watch().is_held() && self.shared_lease.as_ref().is_none_or(|l| l.is_held())
+        self.hold.is_held()
     }
 
     /// Resolves when the hold is lost, with the reason. Stop touching the protected resource.
     pub async fn lost(&self) -> LostReason {
-        let own = self.keeper.watch();
-        match &self.shared_lease {
-            None => own.lost().await,
-            Some(lease) => tokio::select! {
-                reason = own.lost() => reason,
-                reason = lease.lost() => reason,
-            },
-        }
+        self.hold.lost().await
+    }
+
+    /// Runs `work` while the lock is held: `Ok` with its output if it finishes first; as soon as
+    /// the hold is lost (by the client-side timer, before anyone else can be granted), `work` is
+    /// dropped, so cancelled at its next `.await`, and the answer is `Err` with the reason. A
+    /// hold already lost does not start `work`. The guard stays yours: release it afterwards.
+    ///
+    /// ```no_run
+    /// # async fn example(client: leasehold::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// let guard = client.lock("reports/nightly").wait_forever().acquire().await?;
+    /// let token = guard.token();
+    /// match guard.run_while_held(async move { /* write, fenced with token */ token }).await {
+    ///     Ok(_) => guard.release().await?,
+    ///     Err(reason) => eprintln!("stopped: the lock was lost ({reason})"),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn run_while_held<F: Future>(&self, work: F) -> Result<F::Output, LostReason> {
+        self.hold.run_while_held(work).await
     }
 
     /// Releases the lock now and reports the outcome (`NotHolder` if the hold had already
     /// ended). A lease granted for this lock alone is revoked too.
-    pub async fn release(mut self) -> Result<(), Error> {
-        self.released = true;
-        self.keeper.end(LostReason::Released);
-        let result = self
-            .client
-            .release(&self.name, self.token, &self.handle)
-            .await;
-        if let Some(lease) = self.owned_lease.take() {
-            // Also frees the lock if the release could not get through.
-            if let Err(err) = lease.revoke().await {
-                tracing::debug!(error = %err, "revoking the lock's lease failed; it will expire");
-            }
-        }
-        // Only now may another guard take this lock under the same lease.
-        drop(self.slot.take());
-        result
+    pub async fn release(self) -> Result<(), Error> {
+        self.hold.release().await
     }
 
     /// Stops renewing and forgets the lock *without* releasing it: the hold ends when its lease
     /// expires (one TTL from the last renewal), unless someone renews it by hand with
     /// [`Client::renew`] and the returned token. For handing a hold to another process, and for
     /// simulating a holder that stalls (a GC pause): its token is still the one to fence with.
-    pub fn detach(mut self) -> (String, FencingToken, Handle) {
-        self.released = true;
-        self.keeper.end(LostReason::Released);
-        if let Some(lease) = self.owned_lease.take() {
-            let _ = lease.detach();
-        }
-        (
-            std::mem::take(&mut self.name),
-            self.token,
-            self.handle.clone(),
-        )
-    }
-}
-
-impl Drop for LockGuard {
-    fn drop(&mut self) {
-        self.keeper.end(LostReason::Released);
-        if self.released {
-            return;
-        }
-        // An owned lease revokes itself when dropped just after this, which frees the lock.
-        if self.owned_lease.is_some() {
-            return;
-        }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (client, name, token, handle) = (
-                self.client.clone(),
-                self.name.clone(),
-                self.token,
-                self.handle.clone(),
-            );
-            // A new acquire of this lock under the shared lease waits for this release: if it
-            // went first, this release would end its hold (same lease, same key).
-            let slot = self.slot.take().map(Slot::releasing);
-            runtime.spawn(async move {
-                if let Err(err) = client.release(&name, token, &handle).await {
-                    tracing::debug!(error = %err, lock = %name, "releasing a dropped guard failed");
-                }
-                drop(slot);
-            });
-        }
+    pub fn detach(self) -> (String, FencingToken, Handle) {
+        let name = self.name().to_owned();
+        let (token, handle) = self.hold.detach();
+        (name, token, handle)
     }
 }

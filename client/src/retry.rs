@@ -165,46 +165,76 @@ impl RetryBudget {
     }
 }
 
-/// When each endpoint may be asked again, after it answered with `Retry-After`.
+/// How long an endpoint that refused a connection is set aside: asked only when no other
+/// endpoint can be, since most likely nothing listens there (a killed replica) and the others can
+/// serve. Short, because a restarted replica should get traffic again soon.
+pub(crate) const REFUSED_SET_ASIDE: Duration = Duration::from_secs(2);
+
+/// What this client knows about each endpoint between calls: when it may be asked again (after
+/// it answered with `Retry-After`) and when it last refused a connection.
 #[derive(Debug)]
 pub(crate) struct Pacing {
-    not_before: Mutex<Vec<Option<Instant>>>,
+    endpoints: Mutex<Vec<EndpointState>>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct EndpointState {
+    not_before: Option<Instant>,
+    refused_at: Option<Instant>,
 }
 
 impl Pacing {
     pub fn new(endpoints: usize) -> Self {
         Self {
-            not_before: Mutex::new(vec![None; endpoints]),
+            endpoints: Mutex::new(vec![EndpointState::default(); endpoints]),
         }
+    }
+
+    fn endpoints(&self) -> std::sync::MutexGuard<'_, Vec<EndpointState>> {
+        self.endpoints.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Endpoint `index` asked not to be called before `until`.
     pub fn defer(&self, index: usize, until: Instant) {
-        let mut not_before = self.not_before.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = &mut not_before[index];
+        let slot = &mut self.endpoints()[index].not_before;
         *slot = Some(slot.map_or(until, |t| t.max(until)));
     }
 
-    /// The endpoint to try next, starting the rotation at `from`: the first one that may be
-    /// asked now, else the one free soonest; with the time it is free (`None`: now).
+    /// Endpoint `index` refused a connection just now.
+    pub fn refused(&self, index: usize) {
+        self.endpoints()[index].refused_at = Some(Instant::now());
+    }
+
+    /// Endpoint `index` answered: whatever refused before listens again.
+    pub fn answered(&self, index: usize) {
+        self.endpoints()[index].refused_at = None;
+    }
+
+    /// The endpoint to try next, starting the rotation at `from`, with the time it may be asked
+    /// (`None`: now). Preferred, in order: one that may be asked now; one that asked for a
+    /// pause (the soonest free), since waiting for a server that answers beats knocking at a
+    /// port that just refused; only then one that refused within [`REFUSED_SET_ASIDE`].
     pub fn pick(&self, from: usize) -> (usize, Option<Instant>) {
-        let not_before = self.not_before.lock().unwrap_or_else(|e| e.into_inner());
-        let n = not_before.len();
+        let endpoints = self.endpoints();
+        let n = endpoints.len();
         let now = Instant::now();
-        let mut best: Option<(usize, Instant)> = None;
+        let mut best: Option<(bool, Instant, usize)> = None;
         for k in 0..n {
             let index = (from + k) % n;
-            match not_before[index] {
-                Some(t) if t > now => {
-                    if best.is_none_or(|(_, b)| t < b) {
-                        best = Some((index, t));
-                    }
-                }
-                _ => return (index, None),
+            let state = endpoints[index];
+            let set_aside = state
+                .refused_at
+                .is_some_and(|t| now.saturating_duration_since(t) < REFUSED_SET_ASIDE);
+            let free_at = state.not_before.filter(|t| *t > now).unwrap_or(now);
+            if !set_aside && free_at == now {
+                return (index, None);
+            }
+            if best.is_none_or(|b| (set_aside, free_at) < (b.0, b.1)) {
+                best = Some((set_aside, free_at, index));
             }
         }
-        let (index, t) = best.expect("at least one endpoint");
-        (index, Some(t))
+        let (_, free_at, index) = best.expect("at least one endpoint");
+        (index, (free_at > now).then_some(free_at))
     }
 }
 

@@ -58,6 +58,8 @@ pub struct Shop {
     pub(crate) refusals: AtomicU64,
     /// Acquires that failed otherwise (server killed mid-request, etcd hiccup): retried.
     pub(crate) errors: AtomicU64,
+    /// Buyers who could not get a session lease and went home.
+    pub(crate) gave_up: AtomicU64,
     /// Sales the ledger accepted.
     pub(crate) sales: AtomicU64,
     progress: ProgressBar,
@@ -100,6 +102,7 @@ impl Shop {
             acquisitions: AtomicU64::new(0),
             refusals: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            gave_up: AtomicU64::new(0),
             sales: AtomicU64::new(0),
             progress,
         })
@@ -253,22 +256,34 @@ pub fn release_the_crowd(
     })
 }
 
-/// Grants a buyer's session lease, trying again when a replica dies under the request (a grant
-/// is not idempotent, so the client does not resend it by itself; a lease granted by a lost
-/// attempt just expires, since nobody keeps it alive).
-async fn grant_session(client: &Client, ttl: Duration, name: &str) -> Result<Lease> {
-    let mut attempt = 0;
-    loop {
+/// Grants a buyer's session lease, trying again while the replicas cannot serve: one died under
+/// the request (a grant is not idempotent, so the client does not resend it by itself; a lease
+/// granted by a lost attempt just expires, since nobody keeps it alive) or they shed the rush
+/// of buyers arriving at once. Between tries it waits what the server asked (`Retry-After`) or
+/// an exponential backoff, each with full jitter, so that the buyers turned away together do
+/// not all come back together.
+async fn grant_session(client: &Client, ttl: Duration, name: &str) -> Result<Lease, Error> {
+    const TRIES: u32 = 10;
+    let mut backoff = Duration::from_millis(100);
+    for attempt in 1.. {
         match client.grant_lease_for(ttl, Some(name.to_owned())).await {
             Ok(lease) => return Ok(lease),
-            Err(err) if attempt < 5 => {
+            Err(err) if err.is_retryable() && attempt < TRIES => {
                 tracing::debug!(error = %err, "granting a session lease failed; trying again");
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                let pause = match &err {
+                    Error::Overloaded {
+                        retry_after: Some(asked),
+                        ..
+                    } => *asked + backoff.mul_f64(rand::random::<f64>()),
+                    _ => backoff.mul_f64(rand::random::<f64>()),
+                };
+                tokio::time::sleep(pause).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
-            Err(err) => return Err(err.into()),
+            Err(err) => return Err(err),
         }
     }
+    unreachable!("the loop returns")
 }
 
 /// One buyer: wants one or more seats, front row first; locks a seat, checks it is unsold,
@@ -281,8 +296,17 @@ async fn buyer(shop: &Arc<Shop>, id: u32) -> Result<BuyerOutcome> {
     let name = format!("buyer-{id}");
     // One lease for the whole visit, as an application keeps one session: each seat lock is
     // held under it, and it is revoked when the buyer leaves.
-    let session = grant_session(&client, shop.ttl, &name).await?;
     let mut outcome = BuyerOutcome::default();
+    let session = match grant_session(&client, shop.ttl, &name).await {
+        Ok(session) => session,
+        Err(err) => {
+            // The replicas could not serve this buyer even after waiting: it goes home without
+            // a seat (counted as turned away), as a shopper does when the site stays down.
+            tracing::warn!(error = %err, buyer = id, "no session; the buyer gives up");
+            shop.gave_up.fetch_add(1, Ordering::Relaxed);
+            return Ok(outcome);
+        }
+    };
     for _ in 0..ATTEMPTS {
         if outcome.seats_bought >= wants {
             break;

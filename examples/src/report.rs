@@ -23,6 +23,9 @@ pub struct Report {
     pub refusals: u64,
     /// Acquires that failed and were retried (a killed replica, an etcd hiccup).
     pub acquire_errors: u64,
+    /// Buyers who went home because the replicas could not serve them even after waiting (no
+    /// session lease could be granted); counted among the turned away too.
+    pub buyers_gave_up: u64,
     /// Acquire latency of granted acquires (refusals are bounded by the buyer's wait), median.
     pub acquire_p50: Duration,
     /// Latency of granted acquires, 99th percentile.
@@ -64,6 +67,7 @@ impl Report {
             acquisitions: shop.acquisitions.load(Ordering::Relaxed),
             refusals: shop.refusals.load(Ordering::Relaxed),
             acquire_errors: shop.errors.load(Ordering::Relaxed),
+            buyers_gave_up: shop.gave_up.load(Ordering::Relaxed),
             acquire_p50: pick(0.50),
             acquire_p99: pick(0.99),
             elapsed,
@@ -93,6 +97,10 @@ impl fmt::Display for Report {
             (
                 "acquires retried after errors",
                 self.acquire_errors.to_string(),
+            ),
+            (
+                "buyers who gave up (unserved)",
+                self.buyers_gave_up.to_string(),
             ),
             (
                 "stale writes rejected",

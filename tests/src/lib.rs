@@ -6,6 +6,8 @@
 //! - [`TestServer`]: a `leasehold-server` in this process, on a free port.
 //! - [`ServerProcess`]: a `leasehold-server` as a child process, for `kill -9` and `SIGTERM`.
 //! - [`Api`]: a small JSON-over-HTTP helper for black-box assertions.
+//! - [`delay::DelayProxy`] (requests that land late) and [`cut::CutProxy`] (a link cut and
+//!   restored at will), TCP proxies for fault tests.
 //!
 //! Everything started here is killed when its handle drops, including when a test panics.
 //! etcd comes from `LEASEHOLD_ETCD_BIN`, else `etcd` on `PATH`.
@@ -21,6 +23,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cut;
 pub mod delay;
 pub mod history;
 pub mod nemesis;

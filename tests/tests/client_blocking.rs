@@ -117,3 +117,59 @@ fn blocking_leases_hold_locks_and_revoke_on_drop() -> Result<()> {
     assert_eq!(reason, LostReason::Released);
     Ok(())
 }
+
+/// From plain threads: a semaphore of 2 and a read-write lock through the builder, and an
+/// election: campaign, leader, a campaign that may not wait refused, a second candidate blocked
+/// in another thread leads once the first resigns, and a dropped leadership is resigned before
+/// `drop` returns.
+#[test]
+fn blocking_semaphores_read_write_locks_and_elections() -> Result<()> {
+    let rig = Rig::start()?;
+    let client = Client::new(rig.server.url())?;
+    let a = client.lock("blocking/sem").limit(2).ttl(TTL).acquire()?;
+    let b = client.lock("blocking/sem").limit(2).ttl(TTL).acquire()?;
+    assert!(b.token() > a.token());
+    assert!(matches!(
+        client.lock("blocking/sem").limit(2).try_acquire(),
+        Err(Error::LockHeld { .. })
+    ));
+    assert_eq!(rig.status("blocking/sem")?["limit"], 2);
+    let reader = client.lock("blocking/rw").shared().ttl(TTL).acquire()?;
+    assert!(matches!(
+        client.lock("blocking/rw").exclusive().try_acquire(),
+        Err(Error::LockHeld { .. })
+    ));
+    reader.release()?;
+    client
+        .lock("blocking/rw")
+        .exclusive()
+        .try_acquire()?
+        .release()?;
+
+    let election = client.election("blocking/e").ttl(TTL);
+    let leader = election.campaign("first")?;
+    assert_eq!(leader.value(), "first");
+    let shown = election.leader()?.context("a leader")?;
+    assert_eq!(
+        (shown.value.as_deref(), shown.epoch),
+        (Some("first"), leader.epoch())
+    );
+    assert!(matches!(
+        election.clone().wait(Duration::ZERO).campaign("third"),
+        Err(Error::LockHeld { .. })
+    ));
+    let second = std::thread::spawn({
+        let election = election.clone();
+        move || election.campaign("second")
+    });
+    rig.kit
+        .block_on(Api::new(rig.server.url()).wait_for_waiters("blocking/e", 1))?;
+    let first_epoch = leader.epoch();
+    leader.resign()?;
+    let second = second.join().expect("the thread ran")?;
+    assert!(second.epoch() > first_epoch);
+    assert!(second.is_held());
+    drop(second);
+    assert_eq!(election.leader()?, None, "resigned before drop returned");
+    Ok(())
+}

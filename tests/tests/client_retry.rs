@@ -251,6 +251,45 @@ async fn refused_connections_fail_over_without_spending_the_budget() -> Result<(
     Ok(())
 }
 
+/// A replica was killed while the other one, overloaded, asked for a pause: the client waits
+/// for the live one rather than spending its attempts on the port that refuses, and if it must
+/// give up, it reports what the live one answered, not "could not connect".
+#[tokio::test]
+async fn a_refusing_endpoint_is_set_aside_while_a_live_one_asks_for_a_pause() -> Result<()> {
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        format!("http://{}", listener.local_addr()?)
+    };
+    // Overloaded at first (pause 1 s), then serving.
+    let live = Stub::start(Arc::new(|n| match n {
+        0 => (503, Some("1"), OVERLOADED),
+        _ => (200, None, STATUS),
+    }))
+    .await?;
+    // Two attempts per call, as for requests the client does not resend by itself.
+    let client = Client::builder()
+        .endpoint(&dead)
+        .endpoint(&live.url)
+        .retry_policy(RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        })
+        .retry_budget(RetryBudget::unlimited())
+        .build()?;
+    // Refused, then shed: the error is the live server's.
+    let err = client.status("x").await.unwrap_err();
+    assert!(matches!(err, Error::Overloaded { .. }), "{err:?}");
+    // The dead one is set aside: the second call waits out the pause and is served.
+    let started = Instant::now();
+    client
+        .status("x")
+        .await
+        .context("the live endpoint, after its pause")?;
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    assert_eq!(live.arrivals().len(), 2);
+    Ok(())
+}
+
 /// Between rounds over the endpoints the client pauses a random time up to the backoff ("full
 /// jitter"): spread over the whole range, so clients that failed together do not retry together.
 #[tokio::test]

@@ -85,6 +85,7 @@ fn reproducible(report: &Report) -> (Vec<u64>, Vec<String>) {
 /// both runs agree on everything that does not depend on timing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_run_sells_no_seat_twice() -> Result<()> {
+    leasehold_tests::init_logging();
     let etcd = EtcdCluster::start(1).await?;
     let mut runs = Vec::new();
     for run in 0..2 {

@@ -1,4 +1,5 @@
-//! `leasehold lock NAME CMD...`: acquire, run CMD while the hold lasts, stop CMD in time, release.
+//! `leasehold lock NAME CMD...`: acquire, run CMD while the hold lasts, stop CMD in time, release;
+//! and `leasehold elect NAME CMD...`: the same with a campaign, a leadership and a resignation.
 //!
 //! **When CMD is stopped.** The client counts a hold lost at `last confirmed renewal + TTL −
 //! margin`, where the margin is the clock allowance (a tenth of the TTL, 250 ms to half the TTL)
@@ -23,9 +24,12 @@ use tokio::time::Instant;
 
 use super::child::{Cmd, exit_code};
 use super::output::Out;
-use super::{EXIT_CMD_NOT_STARTED, EXIT_ERROR, EXIT_LOST, LockArgs, Wait};
+use super::{EXIT_CMD_NOT_STARTED, EXIT_ERROR, EXIT_LOST, RunArgs, Wait};
 use crate::hold::default_margin;
-use crate::{ClientBuilder, DEFAULT_TTL, Error, Lease, LockGuard, LostReason};
+use crate::{
+    Client, ClientBuilder, DEFAULT_TTL, Error, FencingToken, Handle, Leadership, Lease, LeaseId,
+    LockGuard, LostReason,
+};
 
 pub(super) const AFTER_HELP: &str = "\
 CMD may follow NAME directly (as with flock); use -- before a CMD that starts with `-`.
@@ -43,7 +47,187 @@ Examples:
   leasehold lock reports ./make-reports                      # wait as long as it takes
   leasehold lock -n reports ./make-reports                   # held? exit 75 at once
   leasehold lock -w 30 -E 0 reports -c 'echo \"token $LEASEHOLD_TOKEN\"; ./make-reports'
-  leasehold --output json lock reports ./make-reports        # the grant as JSON on stderr";
+  leasehold --output json lock reports ./make-reports        # the grant as JSON on stderr
+  leasehold lock -n 3 encoders ./encode.sh                   # a semaphore: up to 3 hold at once
+  leasehold lock --limit 3 encoders ./encode.sh              # the same
+  leasehold lock --shared catalog ./read-catalog             # readers together...
+  leasehold lock --exclusive catalog ./rebuild-catalog       # ...a writer alone
+
+-n: followed by a whole number N (-n 3, -n=3, -n3) it is --limit N, as consul lock's -n; followed
+by anything else it is flock's -n (fail at once). To fail at once on a lock named by digits, use
+--nb or -w 0.";
+
+pub(super) const ELECT_AFTER_HELP: &str = "\
+CMD runs while this process leads, and is stopped as `leasehold lock` stops it: when the
+leadership is about to be lost (no renewal confirmed in time), CMD gets SIGTERM, then SIGKILL
+after --kill-grace, dead before anyone else can lead; if the server says the leadership is gone,
+SIGKILL at once. When CMD ends, leasehold resigns and the next candidate leads.
+
+Examples:
+  leasehold elect db-primary --value 10.0.0.7:5432 ./serve-primary   # campaign as long as it takes
+  leasehold elect -n db-primary ./serve-primary                      # someone leads? exit 75 at once
+  leasehold observe db-primary                                       # who leads, and each change";
+
+/// What `run` acquires.
+pub(super) enum Job {
+    /// A lock (a mutex unless told otherwise).
+    Lock {
+        name: String,
+        limit: Option<u32>,
+        shared: bool,
+        exclusive: bool,
+    },
+    /// The leadership of an election.
+    Elect { name: String, value: String },
+}
+
+impl Job {
+    fn name(&self) -> &str {
+        match self {
+            Job::Lock { name, .. } | Job::Elect { name, .. } => name,
+        }
+    }
+
+    /// What is held, for messages: `lock "x"` or `leadership of "x"`.
+    fn what(&self) -> String {
+        match self {
+            Job::Lock { name, .. } => format!("lock {name:?}"),
+            Job::Elect { name, .. } => format!("leadership of {name:?}"),
+        }
+    }
+
+    /// Asks for it under `lease`, waiting as `run` says.
+    async fn acquire(&self, client: &Client, lease: &Lease, run: &RunArgs) -> Result<Held, Error> {
+        let wait = match (run.no_wait, run.wait) {
+            (true, _) => Some(Duration::ZERO),
+            (false, Wait::Forever) => None,
+            (false, Wait::For(wait)) => Some(wait),
+        };
+        match self {
+            Job::Lock {
+                name,
+                limit,
+                shared,
+                exclusive,
+            } => {
+                let mut request = client.lock(name).lease(lease);
+                if let Some(owner) = &run.owner {
+                    request = request.owner(owner);
+                }
+                request = match wait {
+                    Some(wait) => request.wait(wait),
+                    None => request.wait_forever(),
+                };
+                if let Some(limit) = limit {
+                    request = request.limit(*limit);
+                }
+                if *shared {
+                    request = request.shared();
+                }
+                if *exclusive {
+                    request = request.exclusive();
+                }
+                request.acquire().await.map(Held::Lock)
+            }
+            Job::Elect { name, value } => {
+                let mut election = client.election(name).lease(lease);
+                if let Some(owner) = &run.owner {
+                    election = election.owner(owner);
+                }
+                election = match wait {
+                    Some(wait) => election.wait(wait),
+                    None => election.wait_forever(),
+                };
+                election.campaign(value).await.map(Held::Leader)
+            }
+        }
+    }
+}
+
+/// A lock held, or a leadership.
+enum Held {
+    Lock(LockGuard),
+    Leader(Leadership),
+}
+
+impl Held {
+    fn token(&self) -> FencingToken {
+        match self {
+            Held::Lock(guard) => guard.token(),
+            Held::Leader(leader) => leader.epoch(),
+        }
+    }
+
+    fn lease_id(&self) -> &LeaseId {
+        match self {
+            Held::Lock(guard) => guard.lease_id(),
+            Held::Leader(leader) => leader.lease_id(),
+        }
+    }
+
+    fn handle(&self) -> &Handle {
+        match self {
+            Held::Lock(guard) => guard.handle(),
+            Held::Leader(leader) => leader.handle(),
+        }
+    }
+
+    async fn lost(&self) -> LostReason {
+        match self {
+            Held::Lock(guard) => guard.lost().await,
+            Held::Leader(leader) => leader.lost().await,
+        }
+    }
+
+    /// Releases the lock, or resigns.
+    async fn release(self) -> Result<(), Error> {
+        match self {
+            Held::Lock(guard) => guard.release().await,
+            Held::Leader(leader) => leader.resign().await,
+        }
+    }
+
+    /// The grant, as `--output json` reports it.
+    fn grant_event(&self) -> serde_json::Value {
+        match self {
+            Held::Lock(guard) => json!({
+                "event": "acquired",
+                "name": guard.name(),
+                "token": guard.token(),
+                "lease_id": guard.lease_id(),
+                "ttl_ms": guard.ttl().as_millis() as u64,
+                "owner": guard.owner(),
+            }),
+            Held::Leader(leader) => json!({
+                "event": "elected",
+                "name": leader.name(),
+                "epoch": leader.epoch(),
+                "token": leader.epoch(),
+                "value": leader.value(),
+                "lease_id": leader.lease_id(),
+                "ttl_ms": leader.ttl().as_millis() as u64,
+            }),
+        }
+    }
+
+    /// What CMD finds in its environment.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = match self {
+            Held::Lock(guard) => vec![("LEASEHOLD_LOCK", guard.name().to_owned())],
+            Held::Leader(leader) => vec![
+                ("LEASEHOLD_ELECTION", leader.name().to_owned()),
+                ("LEASEHOLD_EPOCH", leader.epoch().to_string()),
+                ("LEASEHOLD_VALUE", leader.value().to_owned()),
+            ],
+        };
+        env.extend([
+            ("LEASEHOLD_TOKEN", self.token().to_string()),
+            ("LEASEHOLD_LEASE_ID", self.lease_id().to_string()),
+            ("LEASEHOLD_HANDLE", self.handle().reveal().to_owned()),
+        ]);
+        env
+    }
+}
 
 /// The largest default `--kill-grace`.
 const MAX_DEFAULT_GRACE: Duration = Duration::from_secs(1);
@@ -51,8 +235,8 @@ const MAX_DEFAULT_GRACE: Duration = Duration::from_secs(1);
 /// How long the clean-up after a lost hold, or after a wait cut short, may take.
 const CLEANUP_AFTER_LOSS: Duration = Duration::from_secs(1);
 
-/// Runs `leasehold lock`; returns the exit code.
-pub(super) async fn run(builder: ClientBuilder, args: LockArgs, out: &Out) -> u8 {
+/// Runs `leasehold lock` or `leasehold elect`; returns the exit code.
+pub(super) async fn run(builder: ClientBuilder, job: Job, args: RunArgs, out: &Out) -> u8 {
     // From now on signals are ours: while waiting in line one cancels the wait (and the lease is
     // revoked); while CMD runs they are passed on.
     let mut signals = match Signals::new() {
@@ -110,26 +294,17 @@ pub(super) async fn run(builder: ClientBuilder, args: LockArgs, out: &Out) -> u8
         Ok(lease) => lease,
         Err(err) => return out.fail(&err),
     };
-    let mut request = client.lock(&args.name).lease(&lease);
-    if let Some(owner) = &args.owner {
-        request = request.owner(owner);
-    }
-    request = match (args.no_wait, args.wait) {
-        (true, _) => request.wait(Duration::ZERO),
-        (false, Wait::Forever) => request.wait_forever(),
-        (false, Wait::For(wait)) => request.wait(wait),
-    };
-    tracing::debug!(lock = %args.name, lease = %lease.id(), "asking for the lock");
+    tracing::debug!(what = %job.what(), lease = %lease.id(), "asking");
     let acquired = tokio::select! {
-        result = request.acquire() => result,
+        result = job.acquire(&client, &lease, &args) => result,
         signal = signals.recv() => {
             out.event(
-                &format!("{signal} while waiting for lock {:?}; gave up", args.name),
-                json!({"event": "interrupted", "name": args.name, "signal": signal.as_str()}),
+                &format!("{signal} while waiting for {}; gave up", job.what()),
+                json!({"event": "interrupted", "name": job.name(), "signal": signal.as_str()}),
             );
             // Had the server granted the cancelled acquire, that grant is being released in the
             // background (the caller's lease would keep it for nobody): let that finish.
-            let _ = tokio::time::timeout(CLEANUP_AFTER_LOSS, lease.settled(&args.name)).await;
+            let _ = tokio::time::timeout(CLEANUP_AFTER_LOSS, lease.settled(job.name())).await;
             let _ = end_lease(lease, ours, None).await;
             return 128u8.saturating_add(signal as u8);
         }
@@ -143,34 +318,19 @@ pub(super) async fn run(builder: ClientBuilder, args: LockArgs, out: &Out) -> u8
             }
             let context = match (args.no_wait, args.wait) {
                 (false, Wait::For(wait)) if !wait.is_zero() => {
-                    format!("lock {:?} not acquired within {}", args.name, fmt(wait))
+                    format!("{} not acquired within {}", job.what(), fmt(wait))
                 }
-                _ => format!("lock {:?} not acquired", args.name),
+                _ => format!("{} not acquired", job.what()),
             };
             return out.fail_with(&err, args.conflict_exit_code, Some(&context));
         }
     };
-    let (name, token) = (args.name.clone(), guard.token());
+    let (name, what, token) = (job.name().to_owned(), job.what(), guard.token());
     if out.is_json() {
-        out.event(
-            "",
-            json!({
-                "event": "acquired",
-                "name": name,
-                "token": token,
-                "lease_id": guard.lease_id(),
-                "ttl_ms": guard.ttl().as_millis() as u64,
-                "owner": guard.owner(),
-            }),
-        );
+        out.event("", guard.grant_event());
     }
-    tracing::info!(lock = %name, %token, lease = %guard.lease_id(), "acquired; starting CMD");
-    let env = [
-        ("LEASEHOLD_LOCK", name.clone()),
-        ("LEASEHOLD_TOKEN", token.to_string()),
-        ("LEASEHOLD_LEASE_ID", guard.lease_id().to_string()),
-        ("LEASEHOLD_HANDLE", guard.handle().reveal().to_owned()),
-    ];
+    tracing::info!(%what, %token, lease = %guard.lease_id(), "acquired; starting CMD");
+    let env = guard.env();
     let program = args.program();
     let mut cmd = match Cmd::spawn(&program, &env) {
         Ok(cmd) => cmd,
@@ -198,7 +358,7 @@ pub(super) async fn run(builder: ClientBuilder, args: LockArgs, out: &Out) -> u8
                 let kill_now = reason != LostReason::Expired;
                 out.event(
                     &format!(
-                        "lost lock {name:?} (token {token}): {reason}; {}",
+                        "lost {what} (token {token}): {reason}; {}",
                         if kill_now {
                             "killing CMD".to_owned()
                         } else {
@@ -265,25 +425,21 @@ pub(super) async fn run(builder: ClientBuilder, args: LockArgs, out: &Out) -> u8
                     json!({"event": "released", "name": name, "token": token, "exit_code": code}),
                 );
             }
-            tracing::info!(lock = %name, %token, code, "CMD exited; released");
+            tracing::info!(%what, %token, code, "CMD exited; released");
             code
         }
         // CMD ran to its end: its exit code still decides ours.
         Err(err) => out.fail_with(
             &err,
             code,
-            Some(&format!("releasing lock {name:?} (token {token})")),
+            Some(&format!("releasing {what} (token {token})")),
         ),
     }
 }
 
-/// Releases the lock, then revokes our lease (or leaves the caller's alone), within `bound`.
-async fn end(
-    guard: LockGuard,
-    lease: Lease,
-    ours: bool,
-    bound: Option<Duration>,
-) -> Result<(), Error> {
+/// Releases the lock (resigns), then revokes our lease (or leaves the caller's alone), within
+/// `bound`.
+async fn end(guard: Held, lease: Lease, ours: bool, bound: Option<Duration>) -> Result<(), Error> {
     let work = async {
         let released = guard.release().await;
         end_lease(lease, ours, None).await?;
