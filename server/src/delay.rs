@@ -260,7 +260,10 @@ impl Service {
     }
 
     /// Refreshes `lease` once, trying every endpoint: `LeaseNotFound` if it is gone.
-    pub(crate) async fn refresh_lease_everywhere(&self, lease: LeaseId) -> Result<(), ServiceError> {
+    pub(crate) async fn refresh_lease_everywhere(
+        &self,
+        lease: LeaseId,
+    ) -> Result<(), ServiceError> {
         let mut last = None;
         for _ in 0..self.store.endpoint_count() {
             match self.store.lease_keep_alive(lease).await {
@@ -280,9 +283,9 @@ impl Service {
         if shadows.is_empty() {
             return;
         }
-        let refreshes = shadows.iter().map(|shadow| async move {
-            (*shadow, self.store.lease_keep_alive(*shadow).await)
-        });
+        let refreshes = shadows
+            .iter()
+            .map(|shadow| async move { (*shadow, self.store.lease_keep_alive(*shadow).await) });
         for (shadow, outcome) in futures::future::join_all(refreshes).await {
             match outcome {
                 Ok(()) => {}

@@ -35,6 +35,7 @@
 
 mod admission;
 pub mod cli;
+mod delay;
 mod election;
 pub mod group;
 mod handle;

@@ -55,6 +55,9 @@ pub struct AcquireRequest {
     pub owner: Option<String>,
     /// A candidate's value (elections), shown while it holds.
     pub value: Option<String>,
+    /// After the hold's lease *expires* (not after a release or revoke), keep the lock from
+    /// being granted for this long (`delay.rs`); zero: none. Mutexes and semaphores only.
+    pub lock_delay: Duration,
     /// The tenant asking.
     pub tenant: Arc<Tenant>,
 }
@@ -135,6 +138,7 @@ impl Service {
                 wait: req.wait,
                 owner: req.owner,
                 value: req.value,
+                lock_delay: req.lock_delay,
                 tenant: req.tenant,
             })
             .await?;
@@ -375,6 +379,7 @@ mod tests {
             wait: Duration::from_secs(1),
             owner: None,
             value: None,
+            lock_delay: Duration::ZERO,
             tenant: Arc::new(Tenant::open()),
         });
         let size = std::mem::size_of_val(&acquire);

@@ -497,9 +497,7 @@ impl Service {
             // A try without a wait. A mutex's head read in the txn says whether our (resumed)
             // key holds; otherwise one decisive read says.
             let holds = match &enqueued.head {
-                Some(head) if !enqueued.tombstones => {
-                    head.key() == seats[0].waiter_key.as_bytes()
-                }
+                Some(head) if !enqueued.tombstones => head.key() == seats[0].waiter_key.as_bytes(),
                 _ => match self
                     .check_turn(&seats, kind, enqueued.my_rev, lease.auth.lease)
                     .await
@@ -939,10 +937,7 @@ impl Service {
             let target = &seats[0].waiter_key;
             let resp = self
                 .store
-                .txn(
-                    target,
-                    Txn::new().when(compares.clone()).and_then(reads),
-                )
+                .txn(target, Txn::new().when(compares.clone()).and_then(reads))
                 .await?;
             if !resp.succeeded() {
                 return Ok(Turn::Gone);
@@ -1293,6 +1288,9 @@ struct Abandon {
     own_lease: bool,
     /// True once etcd answered the enqueue: no late enqueue of ours can land any more.
     enqueue_confirmed: bool,
+    /// Per name, the lock-delay tombstone and index key this request may have written (empty
+    /// without a lock-delay): a clean-up is a deliberate end, so no delay follows it.
+    tombstones: Vec<(String, String)>,
     armed: bool,
 }
 
@@ -1321,6 +1319,7 @@ impl Abandon {
             auth: self.auth.clone(),
             own_lease: self.own_lease,
             enqueue_confirmed: self.enqueue_confirmed,
+            tombstones: self.tombstones.clone(),
         }
     }
 }
@@ -1341,6 +1340,7 @@ struct CleanUp {
     auth: LeaseAuth,
     own_lease: bool,
     enqueue_confirmed: bool,
+    tombstones: Vec<(String, String)>,
 }
 
 impl CleanUp {
@@ -1354,10 +1354,17 @@ impl CleanUp {
         let deletes: Vec<TxnOp> = self
             .seats
             .iter()
-            .map(|(key, exclusive)| {
+            .enumerate()
+            .map(|(i, (key, exclusive))| {
                 let mut ops = vec![TxnOp::delete(key.as_str(), None)];
                 if let Some(x) = exclusive {
                     ops.push(TxnOp::delete(x.as_str(), None));
+                }
+                // A lock-delay installed for this hold goes with it (in the same step, under
+                // the same compare: only while the hold is still this request's).
+                if let Some((tombstone, index)) = self.tombstones.get(i) {
+                    ops.push(TxnOp::delete(tombstone.as_str(), None));
+                    ops.push(TxnOp::delete(index.as_str(), None));
                 }
                 TxnOp::txn(
                     Txn::new()
@@ -1396,6 +1403,25 @@ impl CleanUp {
                 result = store.lease_revoke(self.auth.lease).await;
                 if !matches!(result, Err(StoreError::Unavailable(_))) {
                     break;
+                }
+            }
+            // The revoke takes the waiter keys, not a tombstone (it is on its shadow lease):
+            // delete it too. Once the lease is gone no tombstone of it can be written any more
+            // (the install txn compares its waiter key), so this delete is final whenever it
+            // lands, and harmless (the lease id was fresh: no other hold has that tombstone).
+            if matches!(result, Ok(()) | Err(StoreError::LeaseNotFound))
+                && !self.tombstones.is_empty()
+            {
+                let deletes: Vec<TxnOp> = self
+                    .tombstones
+                    .iter()
+                    .map(|(tombstone, _)| TxnOp::delete(tombstone.as_str(), None))
+                    .collect();
+                if let Err(err) = store
+                    .txn_until_answered(&self.tombstones[0].0, Txn::new().and_then(deletes), rounds)
+                    .await
+                {
+                    result = Err(err);
                 }
             }
             result
