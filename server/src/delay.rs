@@ -33,7 +33,7 @@ use etcd_client::{Compare, CompareOp, GetOptions, GetResponse, PutOptions, Txn, 
 
 use crate::handle::sha256;
 use crate::keys::{KeySchema, LeaseId, LockName, TombstoneValue};
-use crate::lease::{auth_matches, ttl_to_etcd_seconds, txn_gets};
+use crate::lease::{ttl_to_etcd_seconds, txn_gets};
 use crate::metrics;
 use crate::service::{LeaseAuth, Service, ServiceError};
 use crate::store::StoreError;
@@ -53,12 +53,7 @@ pub fn delay_seconds(delay: Duration) -> u64 {
 /// `delay_secs`: 63 bits of SHA-256, never 0. Derived, not chosen by etcd, so that a retried
 /// acquire finds the lease its first attempt granted. Unique per hold: a token is never granted
 /// twice on a lock, so once the hold is released its shadow lease is never used again.
-pub(crate) fn shadow_lease_id(
-    lease: LeaseId,
-    name: &LockName,
-    token: u64,
-    delay_secs: u64,
-) -> LeaseId {
+pub fn shadow_lease_id(lease: LeaseId, name: &LockName, token: u64, delay_secs: u64) -> LeaseId {
     let digest = sha256(&[
         b"leasehold shadow lease v1\0",
         lease.to_string().as_bytes(),
@@ -113,6 +108,66 @@ pub(crate) fn index_read(keys: &KeySchema, lease: LeaseId) -> TxnOp {
         keys.lease_delays_prefix(lease),
         Some(GetOptions::new().with_prefix()),
     )
+}
+
+/// The fenced txn that writes the tombstone and index entry of each `(name, shadow lease)` of
+/// the hold of `lease` granted with `token` (its waiter keys carry `value`), for a delay of
+/// `delay_secs`. Its compares: the lease's `auth` key holds `auth_live` (a revoke disables it
+/// first), and each waiter key holds `value` (the nonce of the acquire that was granted) with
+/// `create_revision == token`. So, landing late or twice, it writes only while that very hold
+/// lasts; once the hold ended (release, revoke, clean-up, expiry) it changes nothing. Its
+/// else branch reads the `auth` key, then each waiter key, to tell why.
+///
+/// Public so that tests can send it late and see it do nothing (`tests/tests/lock_delay.rs`).
+pub fn tombstone_txn(
+    keys: &KeySchema,
+    lease: LeaseId,
+    auth_live: &[u8],
+    value: &[u8],
+    token: u64,
+    holds: &[(LockName, LeaseId)],
+    delay_secs: u64,
+) -> Txn {
+    let auth_key = keys.auth_key(lease);
+    let token_rev = i64::try_from(token).unwrap_or(-1);
+    let mut compares = vec![Compare::value(
+        auth_key.as_str(),
+        CompareOp::Equal,
+        auth_live.to_vec(),
+    )];
+    let mut writes = Vec::new();
+    let mut diagnose = vec![TxnOp::get(auth_key.as_str(), None)];
+    for (name, shadow) in holds {
+        let waiter = keys.waiter_key(name, lease);
+        compares.push(Compare::value(
+            waiter.as_str(),
+            CompareOp::Equal,
+            value.to_vec(),
+        ));
+        compares.push(Compare::create_revision(
+            waiter.as_str(),
+            CompareOp::Equal,
+            token_rev,
+        ));
+        let tombstone = serde_json::to_vec(&TombstoneValue {
+            delay_ms: delay_secs * 1000,
+            shadow: shadow.to_string(),
+            token,
+        })
+        .expect("tombstone serializes");
+        writes.push(TxnOp::put(
+            keys.tombstone_key(name, lease),
+            tombstone,
+            Some(PutOptions::new().with_lease(shadow.as_i64())),
+        ));
+        writes.push(TxnOp::put(
+            keys.lease_delay_key(lease, name),
+            shadow.to_string(),
+            Some(PutOptions::new().with_lease(lease.as_i64())),
+        ));
+        diagnose.push(TxnOp::get(waiter, None));
+    }
+    Txn::new().when(compares).and_then(writes).or_else(diagnose)
 }
 
 /// What installing a lock-delay came to.
@@ -186,42 +241,17 @@ impl Service {
             }
             shadows.push(shadow);
         }
-        let auth_key = self.keys.auth_key(lease);
+        let holds: Vec<(LockName, LeaseId)> = hold.names.iter().cloned().zip(shadows).collect();
+        let txn = tombstone_txn(
+            &self.keys,
+            lease,
+            &hold.auth.digest.live(),
+            hold.value,
+            hold.token,
+            &holds,
+            secs,
+        );
         let token_rev = i64::try_from(hold.token).unwrap_or(-1);
-        let mut compares = vec![auth_matches(&auth_key, hold.auth)];
-        let mut writes = Vec::new();
-        let mut diagnose = vec![TxnOp::get(auth_key.as_str(), None)];
-        for (name, shadow) in hold.names.iter().zip(&shadows) {
-            let waiter = self.keys.waiter_key(name, lease);
-            compares.push(Compare::value(
-                waiter.as_str(),
-                CompareOp::Equal,
-                hold.value.to_vec(),
-            ));
-            compares.push(Compare::create_revision(
-                waiter.as_str(),
-                CompareOp::Equal,
-                token_rev,
-            ));
-            let tombstone = serde_json::to_vec(&TombstoneValue {
-                delay_ms: secs * 1000,
-                shadow: shadow.to_string(),
-                token: hold.token,
-            })
-            .expect("tombstone serializes");
-            writes.push(TxnOp::put(
-                self.keys.tombstone_key(name, lease),
-                tombstone,
-                Some(PutOptions::new().with_lease(shadow.as_i64())),
-            ));
-            writes.push(TxnOp::put(
-                self.keys.lease_delay_key(lease, name),
-                shadow.to_string(),
-                Some(PutOptions::new().with_lease(lease.as_i64())),
-            ));
-            diagnose.push(TxnOp::get(waiter, None));
-        }
-        let txn = Txn::new().when(compares).and_then(writes).or_else(diagnose);
         let target = self.keys.tombstone_key(&hold.names[0], lease);
         let resp = match self.store.txn_until_answered(&target, txn, 1).await {
             Ok(resp) => resp,
