@@ -442,3 +442,63 @@ async fn an_orphan_takes_one_semaphore_slot() -> Result<()> {
     }
     Ok(())
 }
+
+/// The client crate sends `.lock_delay(..)` (a detached guard, which stops renewing, leaves the
+/// delay when its lease expires) and the CLI's `lock --lock-delay` passes it on (a tombstone
+/// exists while CMD runs, and is gone once the CLI released the lock).
+#[tokio::test]
+async fn the_client_and_the_cli_ask_for_a_lock_delay() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = TestServer::start(&etcd).await?;
+    let api = Api::new(server.url());
+    let client = leasehold::Client::new(server.url())?;
+
+    let guard = client
+        .lock("cl")
+        .ttl(Duration::from_secs(2))
+        .lock_delay(Duration::from_millis(2500))
+        .acquire()
+        .await?;
+    ensure!(
+        tombstones(&etcd, "cl").await?.len() == 1,
+        "tombstone written"
+    );
+    let lease = guard.lease_id().to_string();
+    let (_, token, _) = guard.detach();
+    let expired = expiry_of(&api, &json!({"lease_id": lease})).await?;
+    let next = client
+        .lock("cl")
+        .ttl(Duration::from_secs(10))
+        .wait(Duration::from_secs(20))
+        .acquire()
+        .await?;
+    // 2.5 s is rounded up to 3 s.
+    granted_after_the_delay(expired, Instant::now(), Duration::from_secs(3))?;
+    ensure!(next.token() > token);
+    next.release().await?;
+
+    let mut cli = tokio::process::Command::new(leasehold_tests::cli_bin!())
+        .env("LEASEHOLD_ENDPOINTS", server.url())
+        .args(["lock", "--lock-delay", "5s", "cli-lock", "sleep", "3"])
+        .kill_on_drop(true)
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tombstones(&etcd, "cli-lock").await?.is_empty() {
+        ensure!(Instant::now() < deadline, "the CLI's hold has no tombstone");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = cli.wait().await?;
+    ensure!(status.success(), "the CLI exited with {status}");
+    ensure!(
+        tombstones(&etcd, "cli-lock").await?.is_empty(),
+        "released: no tombstone"
+    );
+    let (status, body) = api
+        .post(&acquire_path("cli-lock"), json!({"ttl": "10s"}))
+        .await?;
+    ensure!(
+        status == 200,
+        "no delay after the CLI released: {status} {body}"
+    );
+    Ok(())
+}
