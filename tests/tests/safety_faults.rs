@@ -829,7 +829,7 @@ async fn randomized_nemesis() -> Result<()> {
 }
 
 /// Issue 16: N holders with N tokens never exceed N under the fault nemesis. Eight clients
-/// contend for two semaphores of 3 (one acquire in two with a 1 s lock-delay, so holds lost to
+/// contend for one semaphore of 3 (one acquire in two with a 1 s lock-delay, so holds lost to
 /// faults leave orphan tombstones that take a slot) while servers are killed, etcd's leader is
 /// killed, a member stalls and a replica's link holds requests back, for 20 s. The checker's
 /// semaphore rules (`Kind::Semaphore`): never more than 3 overlapping holds per lock, no token
@@ -841,7 +841,7 @@ async fn semaphore_nemesis() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let seed = seed("semaphore_nemesis");
     let mut rng = Rng::new(seed ^ 0x5e4a);
-    let mut rig = Rig::start_with(3, 8, 2, 2, true).await?;
+    let mut rig = Rig::start_with(3, 8, 1, 1, true).await?;
     rig.config.limit = Some(3);
     rig.config.lock_delay = Some(Duration::from_secs(1));
     let run = rig.workload(seed)?;
@@ -935,9 +935,7 @@ async fn semaphore_nemesis() -> Result<()> {
         "semaphore_nemesis: {} grants, at most {most} holds at once on one lock, {} acquires of unknown outcome",
         summary.grants, summary.indeterminate
     );
-    ensure!(
-        (2..=3).contains(&most),
-        "at most {most} holds of a semaphore of 3 overlapped"
-    );
+    // The limit was reached (the checker proved it never was passed), or the run proved little.
+    ensure!(most == 3, "at most {most} holds of the semaphore of 3 overlapped");
     Ok(())
 }
