@@ -936,6 +936,9 @@ async fn semaphore_nemesis() -> Result<()> {
         summary.grants, summary.indeterminate
     );
     // The limit was reached (the checker proved it never was passed), or the run proved little.
-    ensure!(most == 3, "at most {most} holds of the semaphore of 3 overlapped");
+    ensure!(
+        most == 3,
+        "at most {most} holds of the semaphore of 3 overlapped"
+    );
     Ok(())
 }
