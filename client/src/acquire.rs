@@ -37,8 +37,12 @@ pub(crate) enum LockKind {
 /// What an acquire asks for.
 #[derive(Debug, Clone)]
 pub(crate) enum Target {
-    /// One lock, of some kind.
-    Lock { name: String, kind: LockKind },
+    /// One lock, of some kind, with its lock-delay (zero: none).
+    Lock {
+        name: String,
+        kind: LockKind,
+        lock_delay: Duration,
+    },
     /// Every name or none (sorted, without duplicates).
     Group { names: Vec<String> },
     /// The leadership of an election, standing with a value.
@@ -65,12 +69,20 @@ impl Target {
     /// Adds what this target needs to an acquire body.
     fn add_fields(&self, body: &mut Value) {
         match self {
-            Target::Lock { kind, .. } => match kind {
-                LockKind::Mutex => {}
-                LockKind::Limit(limit) => body["limit"] = (*limit).into(),
-                LockKind::Shared => body["mode"] = "shared".into(),
-                LockKind::Exclusive => body["mode"] = "exclusive".into(),
-            },
+            Target::Lock {
+                kind, lock_delay, ..
+            } => {
+                match kind {
+                    LockKind::Mutex => {}
+                    LockKind::Limit(limit) => body["limit"] = (*limit).into(),
+                    LockKind::Shared => body["mode"] = "shared".into(),
+                    LockKind::Exclusive => body["mode"] = "exclusive".into(),
+                }
+                // Sent only when asked for: an older server ignores nothing it was not sent.
+                if !lock_delay.is_zero() {
+                    body["lock_delay"] = format!("{}ms", lock_delay.as_millis()).into();
+                }
+            }
             Target::Group { names } => body["names"] = json!(names),
             Target::Election { value, .. } => {
                 if let Some(value) = value {

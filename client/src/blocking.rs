@@ -110,6 +110,11 @@ impl Client {
         self.inner.endpoints()
     }
 
+    /// Calls another endpoint answered after one failed (see [`crate::Client::failovers`]).
+    pub fn failovers(&self) -> u64 {
+        self.inner.failovers()
+    }
+
     /// Starts acquiring lock `name`; finish with [`LockBuilder::acquire`] or
     /// [`LockBuilder::try_acquire`].
     pub fn lock<'a>(&self, name: impl Into<String>) -> LockBuilder<'a> {

@@ -132,6 +132,7 @@ impl ClientBuilder {
         if self.endpoints.is_empty() {
             return Err(Error::client_input("no endpoints given"));
         }
+        let mut tls = false;
         for url in &self.endpoints {
             let parsed = reqwest::Url::parse(url)
                 .map_err(|err| Error::client_input(format!("endpoint {url:?}: {err}")))?;
@@ -140,6 +141,7 @@ impl ClientBuilder {
                     "endpoint {url:?}: scheme must be http or https"
                 )));
             }
+            tls |= parsed.scheme() == "https";
         }
         // One pooled HTTP/1.1 client: connections stay open between renewals (no handshake
         // per request), and a request can be abandoned by closing its connection, which the
@@ -153,6 +155,12 @@ impl ClientBuilder {
             let certificate = reqwest::Certificate::from_pem(pem)
                 .map_err(|err| Error::client_input(format!("CA certificate: {err}")))?;
             http = http.tls_certs_only([certificate]);
+        }
+        if self.root_certificates.is_empty() && !tls {
+            // No TLS will be spoken: skip loading the system's CA certificates, which costs
+            // about 3 ms a client (a program with thousands of clients, such as the demo's
+            // flash sale, would spend seconds of CPU on it).
+            http = http.tls_certs_only([]);
         }
         let http = http
             .build()
@@ -169,6 +177,7 @@ impl ClientBuilder {
                 safety_margin: self.safety_margin,
                 bearer_token: self.bearer_token,
                 server_max_wait_ms: AtomicU64::new(DEFAULT_SERVER_WAIT.as_millis() as u64),
+                failovers: AtomicU64::new(0),
             }),
         })
     }
@@ -197,6 +206,8 @@ pub(crate) struct Inner {
     /// The longest wait one acquire request asks of a server: longer waits are chained from
     /// several requests. Lowered when a server answers that its `--max-wait` is smaller.
     server_max_wait_ms: AtomicU64,
+    /// Calls answered by an endpoint after an attempt at another one failed.
+    failovers: AtomicU64,
 }
 
 /// The longest wait one acquire request asks for at first (servers allow 5 min by default).
@@ -234,6 +245,24 @@ impl Client {
     /// The endpoints, in order of preference.
     pub fn endpoints(&self) -> &[String] {
         &self.inner.endpoints
+    }
+
+    /// Fail-overs so far: calls (of this client and its clones, background renewals and
+    /// keep-alives included) that an endpoint answered with success after an attempt of the
+    /// same call at *another* endpoint had failed (refused connection, timeout, reset, `503`,
+    /// overload). A call that succeeds on a second try at the same endpoint is not one, nor is
+    /// a call that fails everywhere, nor a final error answer (`lock_held`, ...) from the
+    /// second endpoint: only requests another replica actually served.
+    pub fn failovers(&self) -> u64 {
+        self.inner.failovers.load(Ordering::Relaxed)
+    }
+
+    /// A call succeeded at endpoint `index` after failed attempts at `failed`: count a
+    /// fail-over if any of those was another endpoint.
+    fn note_answer(&self, index: usize, failed: &[usize]) {
+        if failed.iter().any(|&f| f != index) {
+            self.inner.failovers.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Sends a request with fail-over and returns the decoded 2xx body.
@@ -286,6 +315,8 @@ impl Client {
         // transparent retries, it spends no budget. A fleet of callers whose replica was just
         // killed must all be able to move to another one.
         let mut last_never_sent = false;
+        // The endpoints whose attempts failed, to count a fail-over when another answers.
+        let mut failed = Vec::new();
         for i in 0..attempts {
             let (index, not_before) = inner.pacing.pick(cursor);
             cursor = index + 1;
@@ -357,6 +388,7 @@ impl Client {
                     if i > 0 {
                         tracing::info!(%endpoint, %path, attempt = i + 1, "answered after fail-over");
                     }
+                    self.note_answer(index, &failed);
                     return Ok(bytes.to_vec());
                 }
                 Ok((status, retry_after, bytes)) => {
@@ -399,6 +431,7 @@ impl Client {
                 }
             };
             last_never_sent = never_sent;
+            failed.push(index);
             tracing::info!(%endpoint, %path, error = %error, "attempt failed");
             // What a server answered (overloaded, etcd unavailable) says more than a refused
             // connection to another: it is the error reported if no attempt succeeds.
@@ -441,6 +474,7 @@ impl Client {
         let n = inner.endpoints.len();
         let start = inner.preferred.load(Ordering::Relaxed);
         let mut last_error = None;
+        let mut failed = Vec::new();
         for k in 0..n {
             let index = (start + k) % n;
             let endpoint = &inner.endpoints[index];
@@ -455,6 +489,7 @@ impl Client {
             let error = match tokio::time::timeout(inner.request_timeout, request.send()).await {
                 Ok(Ok(response)) if response.status().is_success() => {
                     inner.preferred.store(index, Ordering::Relaxed);
+                    self.note_answer(index, &failed);
                     return Ok(response);
                 }
                 Ok(Ok(response)) => {
@@ -489,6 +524,7 @@ impl Client {
                 },
             };
             tracing::info!(%endpoint, %path, error = %error, "could not open the stream");
+            failed.push(index);
             last_error = Some(error);
         }
         Err(last_error.expect("a client has at least one endpoint"))

@@ -106,6 +106,7 @@ impl Client {
             options: Options::new(self, Some(Duration::ZERO)),
             name: name.into(),
             kind: LockKind::Mutex,
+            lock_delay: Duration::ZERO,
             positions: None,
         }
     }
@@ -172,6 +173,7 @@ pub struct LockBuilder<'a> {
     options: Options<'a>,
     name: String,
     kind: LockKind,
+    lock_delay: Duration,
     positions: Option<PositionFn>,
 }
 
@@ -224,6 +226,18 @@ impl<'a> LockBuilder<'a> {
         self
     }
 
+    /// **Lock-delay** (Chubby's, Consul's): if this hold's lease *expires* (the process was
+    /// paused or cut off and could not renew), the server grants the lock (a semaphore: that
+    /// slot) to nobody else for `delay` afterwards, so a holder that lost its lease unawares
+    /// has time to notice and stop before the next one starts. A release, or a revoke of the
+    /// lease, is followed by no delay. At most 60 s, rounded up to whole seconds by the server;
+    /// default zero (none). Mutexes and semaphores only: with [`LockBuilder::shared`] or
+    /// [`LockBuilder::exclusive`] the server refuses it (`invalid_lock_delay`).
+    pub fn lock_delay(mut self, delay: Duration) -> Self {
+        self.lock_delay = delay;
+        self
+    }
+
     /// A **read-write lock**, as a reader: shared holders hold together; an exclusive request
     /// waits for the readers ahead of it and blocks the readers behind it (writers do not
     /// starve). A name used as a plain mutex refuses it ([`Error::Mismatch`], `mode_mismatch`).
@@ -266,6 +280,7 @@ impl<'a> LockBuilder<'a> {
         let target = Target::Lock {
             name: self.name,
             kind: self.kind,
+            lock_delay: self.lock_delay,
         };
         let hold = acquire::acquire(&self.options, target, self.positions).await?;
         Ok(LockGuard { hold })

@@ -4,15 +4,21 @@
 //! The rule every buyer follows is the safe one: lock the seat, check in the ledger that it is
 //! unsold, sell it *with the fencing token*, release. The lock makes buyers take turns; the token
 //! is what lets the ledger refuse a buyer whose turn ended while it was not looking.
+//!
+//! Some buyers come as a group of friends wanting adjacent seats: they lock a block of seats
+//! with one all-or-nothing group acquire and sell them with their tokens in one ledger
+//! transaction. Every buyer's client shares the run's one [`RetryBudget`], so the crowd's
+//! retries stay a bounded fraction of its requests however hard the servers shed; a buyer the
+//! servers shed waits what they ask and asks again, for as long as its patience lasts.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use leasehold::{Client, Error, FencingToken, Lease, LockGuard};
+use leasehold::{Client, Error, FencingToken, GroupGuard, Lease, LockGuard, RetryBudget};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::Notify;
@@ -20,24 +26,43 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::Options;
-use crate::ledger::{Ledger, SaleOutcome};
+use crate::ledger::{Ledger, ROW_SEATS, SaleOutcome};
 
 /// SQLite connections shared by the buyers (WAL: readers do not block each other).
 const LEDGER_CONNECTIONS: usize = 4;
 
-/// How many attempts (seat picks) a buyer makes before going home.
-const ATTEMPTS: u32 = 8;
+/// Why a buyer went home.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Leave {
+    /// It bought every seat it wanted.
+    #[default]
+    Satisfied,
+    /// No seat (for a group: no block of adjacent seats of its size in one row) was left.
+    SoldOut,
+    /// The servers shed it (or could not be reached, or did not keep its session alive) for
+    /// longer than its patience.
+    Shed,
+}
 
 /// What one buyer ended with.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BuyerOutcome {
     /// Seats this buyer bought.
     pub seats_bought: u32,
+    /// Why it went home.
+    pub left: Leave,
+    /// The size of its group of friends, if it came as one.
+    pub group: Option<u32>,
 }
 
 /// Shared state of a run: endpoints, ledger connections, counters, progress.
 pub struct Shop {
     ledgers: Vec<Mutex<Ledger>>,
+    /// The seat map buyers browse, as a ticketing site shows it: the seats not sold yet, updated
+    /// after each sale the ledger accepts. It may show a seat sold a moment ago as free (a buyer
+    /// then finds it sold when it checks the ledger under the seat's lock), never a sold seat's
+    /// sale as missing, so "nothing left" on it is true. Browsing it costs the ledger nothing.
+    seat_map: Mutex<std::collections::BTreeSet<u32>>,
     endpoints: Vec<String>,
     bearer_token: Option<String>,
     run_id: String,
@@ -47,6 +72,11 @@ pub struct Shop {
     stall_ttl: Duration,
     wait: Duration,
     seed: u64,
+    patience: Duration,
+    group_percent: u32,
+    show_queue: bool,
+    /// The one retry budget every buyer's client shares.
+    budget: RetryBudget,
     finished: AtomicU32,
     /// Notified when a buyer finishes or a seat sells.
     progressed: Notify,
@@ -60,8 +90,18 @@ pub struct Shop {
     pub(crate) errors: AtomicU64,
     /// Buyers who could not get a session lease and went home.
     pub(crate) gave_up: AtomicU64,
-    /// Sales the ledger accepted.
+    /// Seats the ledger sold (a group's sale counts its seats).
     pub(crate) sales: AtomicU64,
+    /// When the crowd was let in.
+    pub(crate) opened_at: OnceLock<Instant>,
+    /// When the last seat was sold, and how many locks had been granted by then.
+    pub(crate) last_sale: Mutex<Option<(Instant, u64)>>,
+    /// Requests another replica answered after one failed, summed over the buyers' clients.
+    pub(crate) failovers: AtomicU64,
+    /// Buyers shown their place in a seat's line (`--show-queue`).
+    pub(crate) shown_place: AtomicU64,
+    /// Buyers who saw their place in line count down.
+    pub(crate) counted_down: AtomicU64,
     progress: ProgressBar,
 }
 
@@ -87,6 +127,7 @@ impl Shop {
         };
         Ok(Self {
             ledgers,
+            seat_map: Mutex::new((0..options.seats).collect()),
             endpoints,
             bearer_token: options.bearer_token.clone(),
             run_id: uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
@@ -96,6 +137,13 @@ impl Shop {
             stall_ttl: options.stall_ttl,
             wait: options.wait,
             seed: options.seed,
+            patience: options.patience,
+            group_percent: options.group_percent.min(100),
+            show_queue: options.show_queue,
+            // Finagle's default: retries up to 20 % of the crowd's requests, plus one a second,
+            // ten saved up. Shared, so a thousand buyers retry no more than one client would
+            // for the same number of requests.
+            budget: RetryBudget::default(),
             finished: AtomicU32::new(0),
             progressed: Notify::new(),
             latencies: Mutex::new(Vec::new()),
@@ -104,6 +152,11 @@ impl Shop {
             errors: AtomicU64::new(0),
             gave_up: AtomicU64::new(0),
             sales: AtomicU64::new(0),
+            opened_at: OnceLock::new(),
+            last_sale: Mutex::new(None),
+            failovers: AtomicU64::new(0),
+            shown_place: AtomicU64::new(0),
+            counted_down: AtomicU64::new(0),
             progress,
         })
     }
@@ -120,7 +173,8 @@ impl Shop {
         let rotated = (0..n).map(|i| self.endpoints[(first + i) % n].clone());
         let mut builder = Client::builder()
             .endpoints(rotated)
-            .request_timeout(Duration::from_secs(5));
+            .request_timeout(Duration::from_secs(5))
+            .retry_budget(self.budget.clone());
         if let Some(token) = &self.bearer_token {
             builder = builder.bearer_token(token);
         }
@@ -146,6 +200,7 @@ impl Shop {
 
     /// Acquires the lock of `seat` under the buyer's session `lease` (or, without one, under a
     /// lease of its own, with the stalled buyers' short TTL), counting the outcome and latency.
+    /// `positions`, if given, is told the buyer's place in line while it waits.
     async fn acquire(
         &self,
         client: &Client,
@@ -153,15 +208,47 @@ impl Shop {
         seat: u32,
         owner: String,
         wait: Duration,
+        positions: Option<Box<dyn FnMut(u64) + Send>>,
     ) -> Result<LockGuard, Error> {
         let started = Instant::now();
-        let lock = client.lock(self.lock_name(seat)).wait(wait).owner(owner);
-        let lock = match lease {
+        let mut lock = client.lock(self.lock_name(seat)).wait(wait).owner(owner);
+        lock = match lease {
             Some(lease) => lock.lease(lease),
             None => lock.ttl(self.stall_ttl),
         };
+        if let Some(positions) = positions {
+            lock = lock.on_position(positions);
+        }
         let result = lock.acquire().await;
-        match &result {
+        self.count(started, &result, &[seat]);
+        result
+    }
+
+    /// Acquires the locks of every seat of `seats` at once, or none, under `lease`.
+    async fn acquire_group(
+        &self,
+        client: &Client,
+        lease: &Lease,
+        seats: &[u32],
+        owner: String,
+        wait: Duration,
+    ) -> Result<GroupGuard, Error> {
+        let started = Instant::now();
+        let names = seats.iter().map(|&s| self.lock_name(s));
+        let result = client
+            .lock_group(names)
+            .lease(lease)
+            .wait(wait)
+            .owner(owner)
+            .acquire()
+            .await;
+        self.count(started, &result, seats);
+        result
+    }
+
+    /// Counts an acquire's outcome, and its latency if granted.
+    fn count<T>(&self, started: Instant, result: &Result<T, Error>, seats: &[u32]) {
+        match result {
             Ok(_) => {
                 self.acquisitions.fetch_add(1, Ordering::Relaxed);
                 self.latencies
@@ -173,11 +260,10 @@ impl Shop {
                 self.refusals.fetch_add(1, Ordering::Relaxed);
             }
             Err(err) => {
-                tracing::warn!(error = %err, seat, "acquire failed");
+                tracing::warn!(error = %err, ?seats, "acquire failed");
                 self.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
-        result
     }
 
     /// Sells `seat` to `buyer` with `token`, counting accepted sales.
@@ -192,11 +278,84 @@ impl Shop {
             .ledger(id, move |l| l.sell(seat, &buyer, token.get()))
             .await?;
         if outcome == SaleOutcome::Accepted {
-            let sold = self.sales.fetch_add(1, Ordering::Relaxed) + 1;
-            self.progress.set_message(format!("{sold} seats sold"));
-            self.progressed.notify_waiters();
+            self.sold_seats(&[seat]);
         }
         Ok(outcome)
+    }
+
+    /// Sells the seats of `guard` (a group's block) to `buyer` with their tokens, in one ledger
+    /// transaction: all or none.
+    async fn sell_group(
+        self: &Arc<Self>,
+        id: u32,
+        seats: &[u32],
+        buyer: String,
+        guard: &GroupGuard,
+    ) -> Result<SaleOutcome> {
+        let mut sales = Vec::with_capacity(seats.len());
+        for &seat in seats {
+            let token = guard
+                .token_of(&self.lock_name(seat))
+                .with_context(|| format!("no token for seat {seat} in the group"))?;
+            sales.push((seat, token.get()));
+        }
+        let outcome = self
+            .ledger(id, move |l| l.sell_group(&buyer, &sales))
+            .await?;
+        if outcome == SaleOutcome::Accepted {
+            self.sold_seats(seats);
+        }
+        Ok(outcome)
+    }
+
+    /// `seats` were sold just now.
+    fn sold_seats(&self, seats: &[u32]) {
+        let mut map = self.seat_map.lock().expect("seat map mutex poisoned");
+        for seat in seats {
+            map.remove(seat);
+        }
+        drop(map);
+        let n = seats.len() as u64;
+        let sold = self.sales.fetch_add(n, Ordering::Relaxed) + n;
+        *self.last_sale.lock().expect("last sale mutex poisoned") =
+            Some((Instant::now(), self.acquisitions.load(Ordering::Relaxed)));
+        self.progress.set_message(format!("{sold} seats sold"));
+        self.progressed.notify_waiters();
+    }
+
+    /// A place-in-line reporter for buyer `id` waiting for `seat`: shows "you are number N" and
+    /// counts the buyers shown a place and those who saw it count down.
+    fn place_in_line(
+        self: &Arc<Self>,
+        id: u32,
+        seat: u32,
+        shown: &Arc<AtomicBool>,
+        counted_down: &Arc<AtomicBool>,
+    ) -> Box<dyn FnMut(u64) + Send> {
+        let (shop, shown, counted_down) = (self.clone(), shown.clone(), counted_down.clone());
+        let mut last = None;
+        Box::new(move |ahead: u64| {
+            if !shown.swap(true, Ordering::Relaxed) {
+                shop.shown_place.fetch_add(1, Ordering::Relaxed);
+            }
+            if last.is_some_and(|l| ahead < l) && !counted_down.swap(true, Ordering::Relaxed) {
+                shop.counted_down.fetch_add(1, Ordering::Relaxed);
+            }
+            last = Some(ahead);
+            let line = format!("buyer-{id}: you are number {ahead} in line for seat {seat}");
+            if shop.progress.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                shop.progress
+                    .set_message(format!("{} seats sold · {line}", shop.sold()));
+            }
+        })
+    }
+
+    /// The seats the seat map shows unsold, in order: what buyers choose from.
+    fn unsold(&self) -> Vec<u32> {
+        let map = self.seat_map.lock().expect("seat map mutex poisoned");
+        map.iter().copied().collect()
     }
 
     /// Buyers done so far.
@@ -237,6 +396,7 @@ pub fn release_the_crowd(
     shop: &Arc<Shop>,
     options: &Options,
 ) -> JoinHandle<Result<Vec<BuyerOutcome>>> {
+    let _ = shop.opened_at.set(Instant::now());
     let tasks: Vec<_> = (0..options.buyers)
         .map(|id| {
             let shop = shop.clone();
@@ -256,102 +416,301 @@ pub fn release_the_crowd(
     })
 }
 
-/// Grants a buyer's session lease, trying again while the replicas cannot serve: one died under
-/// the request (a grant is not idempotent, so the client does not resend it by itself; a lease
-/// granted by a lost attempt just expires, since nobody keeps it alive) or they shed the rush
-/// of buyers arriving at once. Between tries it waits what the server asked (`Retry-After`) or
-/// an exponential backoff, each with full jitter, so that the buyers turned away together do
-/// not all come back together.
-async fn grant_session(client: &Client, ttl: Duration, name: &str) -> Result<Lease, Error> {
-    const TRIES: u32 = 10;
-    let mut backoff = Duration::from_millis(100);
-    for attempt in 1.. {
+/// A buyer's patience with servers that do not serve it: it waits what they ask
+/// (`Retry-After`, the least it waits) or a backoff, doubled each time they turn it away again,
+/// with full jitter on top so that the buyers turned away together do not all come back
+/// together; it gives up once it has gone unserved for longer than its patience.
+struct Patience {
+    limit: Duration,
+    /// When the servers stopped serving this buyer (`None`: they serve it).
+    unserved_since: Option<Instant>,
+    /// Times in a row the servers did not serve it.
+    strikes: u32,
+}
+
+impl Patience {
+    const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+    const MAX_BACKOFF: Duration = Duration::from_secs(8);
+
+    fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            unserved_since: None,
+            strikes: 0,
+        }
+    }
+
+    /// A server answered (a grant, or "held by someone else"): patience starts over.
+    fn served(&mut self) {
+        self.unserved_since = None;
+        self.strikes = 0;
+    }
+
+    /// The servers could not serve the buyer; they asked for a pause of `asked` (`Retry-After`)
+    /// or said nothing. Waits before the next try and answers true, or answers false at once if
+    /// that try would come after the patience ran out.
+    async fn wait_out(&mut self, asked: Option<Duration>) -> bool {
+        let since = *self.unserved_since.get_or_insert_with(Instant::now);
+        let base = asked
+            .unwrap_or(Self::FIRST_BACKOFF)
+            .max(Self::FIRST_BACKOFF);
+        let backoff = base
+            .saturating_mul(1 << self.strikes.min(10))
+            .min(Self::MAX_BACKOFF.max(base));
+        self.strikes += 1;
+        let pause = backoff + backoff.mul_f64(rand::random::<f64>());
+        if since.elapsed() + pause > self.limit {
+            return false;
+        }
+        tracing::debug!(?pause, "not served; waiting before asking again");
+        tokio::time::sleep(pause).await;
+        true
+    }
+}
+
+/// Grants a session lease, waiting out the servers while they cannot serve (one died under the
+/// request, or they shed the rush of buyers arriving at once) as long as `patience` lasts. A
+/// grant is not idempotent for the servers' load, so the client does not resend it by itself
+/// beyond its retry budget; a lease granted by a lost attempt just expires.
+async fn grant_session(
+    client: &Client,
+    ttl: Duration,
+    name: &str,
+    patience: &mut Patience,
+) -> Result<Lease, Error> {
+    loop {
         match client.grant_lease_for(ttl, Some(name.to_owned())).await {
-            Ok(lease) => return Ok(lease),
-            Err(err) if err.is_retryable() && attempt < TRIES => {
-                tracing::debug!(error = %err, "granting a session lease failed; trying again");
-                let pause = match &err {
-                    Error::Overloaded {
-                        retry_after: Some(asked),
-                        ..
-                    } => *asked + backoff.mul_f64(rand::random::<f64>()),
-                    _ => backoff.mul_f64(rand::random::<f64>()),
-                };
-                tokio::time::sleep(pause).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+            Ok(lease) => {
+                patience.served();
+                return Ok(lease);
             }
+            Err(err) if err.is_retryable() && patience.wait_out(asked(&err)).await => {}
             Err(err) => return Err(err),
         }
     }
-    unreachable!("the loop returns")
 }
 
-/// One buyer: wants one or more seats, front row first; locks a seat, checks it is unsold,
-/// sells it with the token, releases; tries another seat when one is taken.
+/// The seats a buyer goes for this time: one seat, or a group's block of adjacent seats in one
+/// row; `None` when nothing suitable is left.
+fn pick(rng: &mut StdRng, unsold: &[u32], hot_seats: u32, group: Option<u32>) -> Option<Vec<u32>> {
+    let size = group.unwrap_or(1) as usize;
+    // Blocks of `size` unsold seats side by side in one row, by their first seat (`unsold` is
+    // sorted, so consecutive numbers mean no gap).
+    let blocks: Vec<&[u32]> = unsold
+        .windows(size)
+        .filter(|w| {
+            w[size - 1] == w[0] + size as u32 - 1 && w[0] / ROW_SEATS == w[size - 1] / ROW_SEATS
+        })
+        .collect();
+    if blocks.is_empty() {
+        return None;
+    }
+    let hot: Vec<&[u32]> = blocks
+        .iter()
+        .copied()
+        .filter(|b| b[0] < hot_seats)
+        .collect();
+    let block = if !hot.is_empty() && rng.random_bool(0.7) {
+        hot[rng.random_range(0..hot.len())]
+    } else {
+        blocks[rng.random_range(0..blocks.len())]
+    };
+    Some(block.to_vec())
+}
+
+/// One buyer: its client shares the run's retry budget; the fail-overs it saw are added to the
+/// shop's count when it leaves.
 async fn buyer(shop: &Arc<Shop>, id: u32) -> Result<BuyerOutcome> {
+    let client = shop.client_for(id)?;
+    let outcome = visit(shop, id, &client).await;
+    shop.failovers
+        .fetch_add(client.failovers(), Ordering::Relaxed);
+    outcome
+}
+
+/// One buyer's visit: wants one or more seats, front row first (or, in a group of friends, a
+/// block of adjacent seats); locks them, checks they are unsold, sells them with the tokens,
+/// releases; tries other seats when they are taken, until it has what it wants, nothing
+/// suitable is left, or the servers have not served it for longer than its patience.
+///
+/// It shops under a session lease (as an application keeps one session), granted when it first
+/// needs one: each seat lock is held under it. Before each try it checks the ledger: a buyer who
+/// finds nothing suitable left goes home without asking the servers for anything. Seats are
+/// chosen on the seat map; whether one is still unsold is checked in the ledger under its lock.
+async fn visit(shop: &Arc<Shop>, id: u32, client: &Client) -> Result<BuyerOutcome> {
     let mut rng =
         StdRng::seed_from_u64(shop.seed ^ u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let wants = rng.random_range(1..=shop.seats_per_buyer);
-    let client = shop.client_for(id)?;
-    let name = format!("buyer-{id}");
-    // One lease for the whole visit, as an application keeps one session: each seat lock is
-    // held under it, and it is revoked when the buyer leaves.
-    let mut outcome = BuyerOutcome::default();
-    let session = match grant_session(&client, shop.ttl, &name).await {
-        Ok(session) => session,
-        Err(err) => {
-            // The replicas could not serve this buyer even after waiting: it goes home without
-            // a seat (counted as turned away), as a shopper does when the site stays down.
-            tracing::warn!(error = %err, buyer = id, "no session; the buyer gives up");
-            shop.gave_up.fetch_add(1, Ordering::Relaxed);
-            return Ok(outcome);
-        }
+    // Whether the buyer comes with friends: from a stream of its own, so that the crowd's other
+    // choices are the same with or without groups.
+    let mut friends = StdRng::seed_from_u64(
+        shop.seed ^ u64::from(id).wrapping_mul(0xC2B2_AE3D_27D4_EB4F) ^ 0x6A09_E667,
+    );
+    let group =
+        (friends.random_range(0..100) < shop.group_percent).then(|| friends.random_range(2..=4u32));
+    let wants = match group {
+        Some(size) => size,
+        None => rng.random_range(1..=shop.seats_per_buyer),
     };
-    for _ in 0..ATTEMPTS {
-        if outcome.seats_bought >= wants {
+    let name = format!("buyer-{id}");
+    let mut outcome = BuyerOutcome {
+        group,
+        ..BuyerOutcome::default()
+    };
+    let mut patience = Patience::new(shop.patience);
+    let (shown, counted_down) = (Arc::default(), Arc::default());
+    let mut session: Option<Lease> = None;
+    // Front-row seats first; once turned down for a seat, any seat will do.
+    let mut hot_seats = shop.hot_seats;
+    while outcome.seats_bought < wants {
+        let unsold = shop.unsold();
+        let Some(seats) = pick(&mut rng, &unsold, hot_seats, group) else {
+            outcome.left = Leave::SoldOut;
             break;
+        };
+        if session.as_ref().is_some_and(|s| !s.is_alive()) {
+            // The servers did not confirm our session's keep-alives in time: nothing under it
+            // is safe to sell. Step out, and come back with a new one.
+            drop(session.take());
+            if !patience.wait_out(None).await {
+                outcome.left = Leave::Shed;
+                break;
+            }
+            continue;
         }
-        let unsold = shop.ledger(id, |l| l.unsold()).await?;
-        if unsold.is_empty() {
-            break; // sold out: go home
-        }
-        let hot: Vec<u32> = unsold
-            .iter()
-            .copied()
-            .filter(|&s| s < shop.hot_seats)
-            .collect();
-        let seat = if !hot.is_empty() && rng.random_bool(0.7) {
-            hot[rng.random_range(0..hot.len())]
+        let lease = match &session {
+            Some(lease) => lease,
+            None => match client.grant_lease_for(shop.ttl, Some(name.clone())).await {
+                Ok(lease) => {
+                    patience.served();
+                    &*session.insert(lease)
+                }
+                Err(err) => {
+                    if err.is_retryable() && patience.wait_out(asked(&err)).await {
+                        continue;
+                    }
+                    tracing::warn!(error = %err, buyer = id, "no session; the buyer gives up");
+                    outcome.left = Leave::Shed;
+                    break;
+                }
+            },
+        };
+        let bought = if group.is_some() {
+            match shop
+                .acquire_group(client, lease, &seats, name.clone(), shop.wait)
+                .await
+            {
+                Ok(guard) => {
+                    let bought = buy_group(shop, id, &seats, &name, &guard).await?;
+                    let _ = guard.release().await;
+                    Ok(bought)
+                }
+                Err(err) => Err(err),
+            }
         } else {
-            unsold[rng.random_range(0..unsold.len())]
-        };
-        if !session.is_alive() {
-            break; // our session expired (we could not renew it): nothing is safe to sell
-        }
-        let guard = match shop
-            .acquire(&client, Some(&session), seat, name.clone(), shop.wait)
-            .await
-        {
-            Ok(guard) => guard,
-            Err(Error::LockHeld { .. }) => continue,
-            Err(_) => {
-                // A replica died under us or etcd hiccupped: the client already failed over;
-                // pause briefly and shop on.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+            let seat = seats[0];
+            let positions = shop
+                .show_queue
+                .then(|| shop.place_in_line(id, seat, &shown, &counted_down));
+            match shop
+                .acquire(
+                    client,
+                    Some(lease),
+                    seat,
+                    name.clone(),
+                    shop.wait,
+                    positions,
+                )
+                .await
+            {
+                Ok(guard) => {
+                    let sold = shop.ledger(id, move |l| l.owner(seat)).await?.is_some();
+                    let mut bought = 0;
+                    if !sold
+                        && guard.is_held()
+                        && shop.sell(id, seat, name.clone(), guard.token()).await?
+                            == SaleOutcome::Accepted
+                    {
+                        bought = 1;
+                    }
+                    let _ = guard.release().await;
+                    Ok(bought)
+                }
+                Err(err) => Err(err),
             }
         };
-        let sold = shop.ledger(id, move |l| l.owner(seat)).await?.is_some();
-        if !sold && guard.is_held() {
-            let token = guard.token();
-            if shop.sell(id, seat, name.clone(), token).await? == SaleOutcome::Accepted {
-                outcome.seats_bought += 1;
+        match bought {
+            Ok(n) => {
+                patience.served();
+                outcome.seats_bought += n;
+            }
+            // Taken: the servers answered; try another, not necessarily in the front row.
+            Err(Error::LockHeld { .. }) => {
+                patience.served();
+                hot_seats = 0;
+            }
+            Err(err) => {
+                // Shed, a replica died under us (the client already failed over), etcd
+                // hiccupped, or the session was lost (then it is dropped, and revoked in the
+                // background, and a new one granted next time). Wait as the servers ask, and
+                // shop on while patience lasts. The session is kept while waiting: its
+                // keep-alives cost the servers less than granting a new one.
+                if matches!(err, Error::LeaseLost(_)) {
+                    drop(session.take());
+                }
+                if !patience.wait_out(asked(&err)).await {
+                    tracing::warn!(error = %err, buyer = id, "not served for too long; the buyer gives up");
+                    outcome.left = Leave::Shed;
+                    break;
+                }
             }
         }
-        let _ = guard.release().await;
     }
-    let _ = session.revoke().await;
+    if outcome.left == Leave::Shed {
+        shop.gave_up.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Some(session) = session {
+        let _ = session.revoke().await;
+    }
     Ok(outcome)
+}
+
+/// The pause a server asked for with its answer, if any.
+fn asked(err: &Error) -> Option<Duration> {
+    match err {
+        Error::Overloaded { retry_after, .. } => *retry_after,
+        _ => None,
+    }
+}
+
+/// A group holding the locks of `seats`: if all are still unsold and the hold is safe, sells them
+/// together; answers how many seats it bought (all or none).
+async fn buy_group(
+    shop: &Arc<Shop>,
+    id: u32,
+    seats: &[u32],
+    name: &str,
+    guard: &GroupGuard,
+) -> Result<u32> {
+    let check = seats.to_vec();
+    let any_sold = shop
+        .ledger(id, move |l| {
+            for seat in check {
+                if l.owner(seat)?.is_some() {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
+        .await?;
+    if any_sold || !guard.is_held() {
+        return Ok(0);
+    }
+    let outcome = shop.sell_group(id, seats, name.to_owned(), guard).await?;
+    Ok(if outcome == SaleOutcome::Accepted {
+        seats.len() as u32
+    } else {
+        0
+    })
 }
 
 /// Chaos (a): for each of a few front-row seats, a buyer locks it, checks it is unsold, and then
@@ -380,6 +739,7 @@ pub async fn start_stalls(
                 seat,
                 format!("stalled-buyer-{k}"),
                 Duration::ZERO,
+                None,
             )
             .await
             .with_context(|| format!("the stalled buyer could not lock seat {seat}"))?;
@@ -397,10 +757,24 @@ pub async fn start_stalls(
             let taker = shop.client_for(taker_id)?;
             let taker_name = format!("buyer-who-takes-over-{k}");
             let mut taker_token = None;
-            let session = grant_session(&taker, shop.ttl, &taker_name).await?;
-            let taken = shop
-                .acquire(&taker, Some(&session), seat, taker_name.clone(), 4 * ttl)
-                .await;
+            let mut patience = Patience::new(shop.patience.max(Duration::from_secs(10)));
+            let session = grant_session(&taker, shop.ttl, &taker_name, &mut patience).await?;
+            // It waits in line up to four TTLs; if a replica dies under the wait (chaos kills
+            // one), it asks again for the rest of it, as the crowd's buyers shop on.
+            let deadline = Instant::now() + 4 * ttl;
+            let taken = loop {
+                let wait = deadline.saturating_duration_since(Instant::now());
+                let taken = shop
+                    .acquire(&taker, Some(&session), seat, taker_name.clone(), wait, None)
+                    .await;
+                match &taken {
+                    Err(err)
+                        if err.is_retryable()
+                            && Instant::now() < deadline
+                            && patience.wait_out(asked(err)).await => {}
+                    _ => break taken,
+                }
+            };
             let why_not = taken.as_ref().err().map(ToString::to_string);
             if let Ok(guard) = taken {
                 let sold = shop.ledger(taker_id, move |l| l.owner(seat)).await?.is_some();
@@ -411,6 +785,8 @@ pub async fn start_stalls(
                 let _ = guard.release().await;
             }
             let _ = session.revoke().await;
+            shop.failovers
+                .fetch_add(stalled.failovers() + taker.failovers(), Ordering::Relaxed);
             // The stalled buyer wakes up, unaware, and writes with its old token.
             let pause = paused_at.elapsed();
             let late = shop

@@ -5,9 +5,11 @@
 //! # Layout
 //! - `ledger`: the fenced SQLite ledger and its audit (Kleppmann's token check, in one statement).
 //! - `servers`: starting and killing `leasehold-server` replicas for the run.
-//! - `buyers`: a buyer's shopping loop, and the chaos scenarios (stalled buyer and the buyer who
-//!   takes the seat over).
-//! - `report`: the summary table.
+//! - `buyers`: a buyer's shopping loop (alone or as a group of friends wanting adjacent seats,
+//!   with patience for servers that shed it), and the chaos scenarios (stalled buyer and the
+//!   buyer who takes the seat over).
+//! - `report`: the summary table, and the side-by-side of a flash sale at 1x and 5x the buyers
+//!   ([`compare`]).
 //!
 //! # Usage
 //! ```no_run
@@ -16,6 +18,10 @@
 //! let report = concert::run(options).await?;
 //! println!("{report}");
 //! assert_eq!(report.audit.double_sold, 0);
+//!
+//! // A flash sale: the same sale at 1x and 5x the buyers, goodputs side by side.
+//! let comparison = concert::compare(concert::Options::default().with_buyers(1000)).await?;
+//! println!("{comparison}");
 //! # Ok(()) }
 //! ```
 
@@ -31,8 +37,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::time::Instant;
 
+pub use buyers::Leave;
 pub use ledger::{Audit, Ledger, SaleOutcome};
-pub use report::Report;
+pub use report::{Comparison, Report};
 pub use servers::default_server_bin;
 
 /// Where the Leasehold servers come from.
@@ -83,6 +90,16 @@ pub struct Options {
     pub progress: bool,
     /// The bearer token for servers that require one.
     pub bearer_token: Option<String>,
+    /// How long a buyer keeps trying while the servers shed it (or cannot be reached): it
+    /// waits what they ask (`Retry-After`, with jitter) and asks again, and once the servers
+    /// have not served it for this long it goes home, counted as turned away by overload.
+    pub patience: Duration,
+    /// Percent of the buyers (chosen with the seed) who come as a group of 2 to 4 friends
+    /// wanting adjacent seats in one row, taken with one all-or-nothing group lock.
+    pub group_percent: u32,
+    /// Show each waiting buyer its place in line (`--show-queue`): acquires follow their lock's
+    /// queue, and the report counts the buyers who saw their place count down.
+    pub show_queue: bool,
 }
 
 impl Default for Options {
@@ -105,6 +122,9 @@ impl Default for Options {
             wait: Duration::from_millis(250),
             progress: false,
             bearer_token: None,
+            patience: Duration::from_secs(10),
+            group_percent: 10,
+            show_queue: false,
         }
     }
 }
@@ -154,6 +174,30 @@ impl Options {
         self
     }
 
+    /// These options with this patience for buyers the servers shed.
+    pub fn with_patience(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
+    }
+
+    /// These options with `percent` of the buyers coming as groups of friends (0: none).
+    pub fn with_groups(mut self, percent: u32) -> Self {
+        self.group_percent = percent.min(100);
+        self
+    }
+
+    /// These options with buyers shown their place in line (or not).
+    pub fn with_show_queue(mut self, show: bool) -> Self {
+        self.show_queue = show;
+        self
+    }
+
+    /// These options with this wait in line for a seat before trying another.
+    pub fn with_wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
     /// These options with the ledger at `path`.
     pub fn with_ledger(mut self, path: PathBuf) -> Self {
         self.ledger = Some(path);
@@ -192,6 +236,7 @@ pub async fn run(options: Options) -> Result<Report> {
     let crowd = buyers::release_the_crowd(&shop, &options);
 
     // Chaos (b): kill a replica once a third of the seats are sold (or everyone is done).
+    let mut killed = None;
     if options.chaos {
         match replicas.killable() {
             Some(victim) => {
@@ -200,8 +245,10 @@ pub async fn run(options: Options) -> Result<Report> {
                     .await;
                 let in_flight = options.buyers - shop.finished();
                 let url = replicas.kill(victim).await?;
+                // Completed with the measured fail-overs once everyone is done.
+                killed = Some(events.len());
                 events.push(format!(
-                    "killed server replica {url} (kill -9) at {:.1}s with {in_flight} buyers still shopping; they failed over",
+                    "killed server replica {url} (kill -9) at {:.1}s with {in_flight} buyers still shopping",
                     started.elapsed().as_secs_f64()
                 ));
             }
@@ -217,9 +264,33 @@ pub async fn run(options: Options) -> Result<Report> {
         events.push(stall.await??);
     }
     let elapsed = started.elapsed();
+    if let Some(i) = killed {
+        let failovers = shop.failovers.load(std::sync::atomic::Ordering::Relaxed);
+        events[i].push_str(&format!(
+            "; {failovers} requests were answered by another replica after one failed (fail-overs)"
+        ));
+    }
     shop.finish_progress();
     let audit = Ledger::open(&ledger_path)?.audit()?;
     Ok(Report::new(
         &options, &shop, &outcomes, audit, events, elapsed,
     ))
+}
+
+/// Runs the sale twice with the same seed, once with `options.buyers` buyers and once with five
+/// times as many, each on fresh servers and a fresh ledger: does goodput hold when the crowd is
+/// five times what the servers can take?
+pub async fn compare(options: Options) -> Result<Comparison> {
+    let fivefold = options
+        .buyers
+        .checked_mul(5)
+        .context("too many buyers to multiply by 5")?;
+    let mut second = options.clone().with_buyers(fivefold);
+    if let Some(path) = &options.ledger {
+        // One ledger file each, so the first run's sales can be read after the second.
+        second.ledger = Some(path.with_extension("5x.db"));
+    }
+    let single = run(options).await?;
+    let fivefold = run(second).await?;
+    Ok(Comparison { single, fivefold })
 }

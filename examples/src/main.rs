@@ -5,6 +5,11 @@
 //!
 //! Run it with `scripts/demo` (which starts etcd), or by hand against a running etcd:
 //! `cargo run --release -p leasehold-examples --bin concert -- --chaos`
+//!
+//! A flash sale (`--compare`) runs the same sale at 1x and 5x the buyers and prints both
+//! goodputs side by side; `--patience` is how long a buyer the servers shed keeps trying;
+//! `--groups` sets the share of buyers who come as friends wanting adjacent seats; `--show-queue`
+//! shows waiting buyers their place in line.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,12 +18,15 @@ use std::time::Duration;
 use clap::Parser;
 use concert::{Options, Servers};
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// A sold-out concert: buyers race for seats through Leasehold, and not one seat is sold twice.
 #[derive(Debug, Parser)]
 #[command(
     name = "concert",
     version,
-    after_help = "Examples:\n  concert                         # 500 seats, 1000 buyers, 2 replicas on etcd at 127.0.0.1:2379\n  concert --chaos --seed 7        # stalled buyers and a killed replica, reproducibly\n  concert --endpoints http://127.0.0.1:7070,http://127.0.0.1:7071   # servers already running\n\nExit status: 0 when the audit finds every sold seat with exactly one owner, 1 when a seat was sold twice, 2 on errors."
+    after_help = "Examples:\n  concert                         # 500 seats, 1000 buyers, 2 replicas on etcd at 127.0.0.1:2379\n  concert --chaos --seed 7        # stalled buyers and a killed replica, reproducibly\n  concert --endpoints http://127.0.0.1:7070,http://127.0.0.1:7071   # servers already running\n  concert --seats 200 --buyers 1000 --compare   # flash sale: the same sale at 1x and 5x the buyers\n  concert --show-queue --wait 2s   # waiting buyers see their place in line\n\nExit status: 0 when the audit finds every sold seat with exactly one owner and every group of friends seated together, 1 otherwise, 2 on errors."
 )]
 struct Args {
     /// Seats in the venue.
@@ -71,6 +79,21 @@ struct Args {
     /// How long a buyer waits for a seat's lock before trying another (humantime).
     #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
     wait: Duration,
+    /// How long a buyer keeps trying while the servers shed it: it waits what they ask
+    /// (Retry-After, with jitter), then gives up and is counted turned away (humantime).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    patience: Duration,
+    /// Percent of buyers who come as a group of 2-4 friends wanting adjacent seats in a row.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=100))]
+    groups: u32,
+    /// Show waiting buyers their place in line ("you are number N"); the report counts who saw
+    /// it count down.
+    #[arg(long)]
+    show_queue: bool,
+    /// Flash sale: run the sale twice with the same seed, with --buyers and with 5x as many,
+    /// and print both goodputs side by side.
+    #[arg(long)]
+    compare: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -103,7 +126,11 @@ fn main() -> ExitCode {
         .with_ttls(args.ttl, args.stall_ttl)
         .with_progress(!args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()));
     options.seats_per_buyer = args.seats_per_buyer;
-    options.wait = args.wait;
+    options = options
+        .with_wait(args.wait)
+        .with_patience(args.patience)
+        .with_groups(args.groups)
+        .with_show_queue(args.show_queue);
     if let Some(path) = &args.token_file {
         match std::fs::read_to_string(path) {
             Ok(token) => options.bearer_token = Some(token.trim().to_owned()),
@@ -117,20 +144,32 @@ fn main() -> ExitCode {
         options = options.with_ledger(path);
     }
     println!(
-        "Concert: {} seats ({} in the front row), {} buyers, seed {}{}",
+        "Concert: {} seats ({} in the front row), {} buyers{}, seed {}{}",
         options.seats,
         options.hot_seats,
         options.buyers,
+        if args.compare { " then 5x as many" } else { "" },
         options.seed,
         if options.chaos { ", chaos on" } else { "" }
     );
+    let compare = args.compare;
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     // On Ctrl-C or SIGTERM the run is dropped, which kills the replicas it started.
     let outcome = runtime.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        // What to print, and whether the audits were clean.
+        let run = async {
+            if compare {
+                let comparison = concert::compare(options).await?;
+                anyhow::Ok((comparison.to_string(), comparison.is_clean()))
+            } else {
+                let report = concert::run(options).await?;
+                anyhow::Ok((report.to_string(), report.is_clean()))
+            }
+        };
         tokio::select! {
-            outcome = concert::run(options) => Some(outcome),
+            outcome = run => Some(outcome),
             _ = tokio::signal::ctrl_c() => None,
             _ = term.recv() => None,
         }
@@ -140,9 +179,9 @@ fn main() -> ExitCode {
         return ExitCode::from(130);
     };
     match outcome {
-        Ok(report) => {
-            println!("{report}");
-            if report.is_clean() {
+        Ok((text, clean)) => {
+            println!("{text}");
+            if clean {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

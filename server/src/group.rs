@@ -37,6 +37,9 @@ impl Service {
             wait,
             owner,
             value: None,
+            // A group's release takes back every name in one txn; lock-delay is per name and
+            // asked for by single-name acquires only.
+            lock_delay: Duration::ZERO,
             tenant,
         })
         .await

@@ -6,8 +6,10 @@
 //! |---|---|---|
 //! | `P/locks/{name}/q/{lease}` | JSON [`WaiterValue`] | `{lease}` |
 //! | `P/locks/{name}/x/{lease}` | empty: an exclusive waiter of a read-write lock | `{lease}` |
+//! | `P/locks/{name}/delay/{lease}` | JSON [`TombstoneValue`]: `{lease}`'s hold asked for a lock-delay | the shadow lease it names |
 //! | `P/leases/{lease}/auth` | hex SHA-256 of tenant and handle (`handle.rs`) | `{lease}` |
 //! | `P/leases/{lease}/meta` | JSON [`LeaseMeta`] | `{lease}` |
+//! | `P/leases/{lease}/delays/{name}` | the shadow lease id (16 hex digits) of `{lease}`'s tombstone on `{name}` | `{lease}` |
 //! | `P/tenants/{tenant}/leases/{lease}` | empty | `{lease}` |
 //!
 //! - `{name}` is the lock name percent-encoded by [`LockName::encoded`]: every byte outside
@@ -30,8 +32,15 @@
 //! - All the keys of one acquire (several names for a group) are put by one txn and share its
 //!   revision: that common revision orders groups, so waits never form a cycle.
 //!
-//! Every key is attached to its lease, so revoking or expiring a lease removes all of its keys
-//! at once: nothing Leasehold writes outlives the lease that owns it.
+//! - A hold granted with a lock-delay (`delay.rs`) writes a *tombstone* under `P/locks/{name}/delay/`
+//!   attached to a *shadow lease* that ends the delay after the holder's lease, and an index entry
+//!   under the holder's lease naming that shadow lease (so every refresh of the lease refreshes
+//!   it too). A release, a revoke or a clean-up deletes the tombstone; an expiry leaves it, and
+//!   while its holder's waiter key is gone (an *orphan*) it holds the name (or one semaphore slot).
+//!
+//! Every key is attached to a lease, so revoking or expiring a lease removes all of its keys at
+//! once: nothing Leasehold writes outlives the lease that owns it. The one key that outlives its
+//! holder's lease, on purpose, is a tombstone: by its delay, and no longer.
 
 use std::fmt;
 use std::str::FromStr;
@@ -186,6 +195,17 @@ pub struct LeaseMeta {
     pub tenant: String,
 }
 
+/// The value stored in a lock-delay tombstone (`P/locks/{name}/delay/{lease}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TombstoneValue {
+    /// The delay asked for, rounded up to whole seconds, in milliseconds.
+    pub delay_ms: u64,
+    /// The shadow lease the tombstone is attached to, as 16 hex digits.
+    pub shadow: String,
+    /// The token of the hold that asked for it.
+    pub token: u64,
+}
+
 /// Builds every etcd key Leasehold uses, under one prefix.
 #[derive(Debug, Clone)]
 pub struct KeySchema {
@@ -231,6 +251,23 @@ impl KeySchema {
         format!("{}{lease}", self.exclusive_prefix(name))
     }
 
+    /// `P/locks/{name}/delay/`: the lock's lock-delay tombstones.
+    pub fn delay_prefix(&self, name: &LockName) -> String {
+        format!("{}delay/", self.lock_prefix(name))
+    }
+
+    /// `P/locks/{name}/delay/{lease}`: the tombstone of `lease`'s hold of the lock, attached to
+    /// its shadow lease.
+    pub fn tombstone_key(&self, name: &LockName, lease: LeaseId) -> String {
+        format!("{}{lease}", self.delay_prefix(name))
+    }
+
+    /// The lease whose key `key` is (its last path segment): a waiter, exclusive or tombstone key.
+    pub fn lease_of_key(key: &[u8]) -> Option<LeaseId> {
+        let last = key.iter().rposition(|&b| b == b'/')?;
+        std::str::from_utf8(&key[last + 1..]).ok()?.parse().ok()
+    }
+
     /// The lock name a key under `P/locks/` belongs to.
     pub fn name_of_key(&self, key: &[u8]) -> Option<LockName> {
         let key = std::str::from_utf8(key).ok()?;
@@ -248,6 +285,17 @@ impl KeySchema {
     /// acts on the lease.
     pub fn auth_key(&self, lease: LeaseId) -> String {
         format!("{}/leases/{lease}/auth", self.prefix)
+    }
+
+    /// `P/leases/{lease}/delays/`: the lease's lock-delay index, one key per lock whose hold
+    /// under it has a tombstone; the value is the shadow lease id.
+    pub fn lease_delays_prefix(&self, lease: LeaseId) -> String {
+        format!("{}/leases/{lease}/delays/", self.prefix)
+    }
+
+    /// `P/leases/{lease}/delays/{name}`.
+    pub fn lease_delay_key(&self, lease: LeaseId, name: &LockName) -> String {
+        format!("{}{}", self.lease_delays_prefix(lease), name.encoded())
     }
 
     /// `P/tenants/{tenant}/leases/`: the tenant's live leases, one key each (for its quota).
@@ -388,13 +436,19 @@ mod tests {
         for key in [
             keys.waiter_key(&name, lease),
             keys.exclusive_key(&name, lease),
+            keys.tombstone_key(&name, lease),
         ] {
             assert_eq!(
                 KeySchema::lock_of_key(key.as_bytes()),
                 Some(keys.lock_prefix(&name).as_bytes())
             );
             assert_eq!(keys.name_of_key(key.as_bytes()), Some(name.clone()));
+            assert_eq!(KeySchema::lease_of_key(key.as_bytes()), Some(lease));
         }
+        assert_eq!(
+            keys.lease_delay_key(lease, &name),
+            "/p/leases/0000000000000009/delays/a%2Fb"
+        );
     }
 
     #[test]

@@ -236,9 +236,14 @@ impl Service {
     /// inside a txn); a refresh only ever touches the lease the handle names.
     pub async fn keep_lease_alive(&self, auth: &LeaseAuth) -> Result<u64, ServiceError> {
         let auth_key = self.keys.auth_key(auth.lease);
+        // The check also reads the lease's lock-delay index: once the keep-alive is confirmed,
+        // the shadow leases it names are refreshed too (`delay.rs`).
         let check = Txn::new()
             .when([auth_matches(&auth_key, auth)])
-            .and_then([TxnOp::get(self.keys.lease_meta_key(auth.lease), None)])
+            .and_then([
+                TxnOp::get(self.keys.lease_meta_key(auth.lease), None),
+                crate::delay::index_read(&self.keys, auth.lease),
+            ])
             .or_else([TxnOp::get(auth_key.as_str(), None)]);
         let (refreshed, checked) = tokio::join!(
             self.store.lease_keep_alive(auth.lease),
@@ -251,7 +256,9 @@ impl Service {
                 .unwrap_or(ServiceError::LeaseNotFound));
         }
         refreshed?;
-        match parse_meta(txn_gets(&checked)[0].kvs().first().map(|kv| kv.value())) {
+        let gets = txn_gets(&checked);
+        self.refresh_shadows(auth.lease, &gets[1]).await;
+        match parse_meta(gets[0].kvs().first().map(|kv| kv.value())) {
             Some(meta) => Ok(meta.ttl_ms),
             None => self.etcd_granted_ttl_ms(auth.lease).await,
         }
@@ -398,14 +405,23 @@ impl Service {
     pub async fn revoke_lease(&self, auth: &LeaseAuth) -> Result<(), ServiceError> {
         let lease = auth.lease;
         let auth_key = self.keys.auth_key(lease);
+        // Both branches read the lease's lock-delay index: once the lease is disabled no
+        // tombstone can be added under it (the install txn compares the live digest), so the
+        // index read in (or after) the disabling step names every tombstone to delete.
         let disable = Txn::new()
             .when([auth_matches(&auth_key, auth)])
-            .and_then([TxnOp::put(
-                auth_key.as_str(),
-                auth.digest.revoking(),
-                Some(PutOptions::new().with_lease(lease.as_i64())),
-            )])
-            .or_else([TxnOp::get(auth_key.as_str(), None)]);
+            .and_then([
+                TxnOp::put(
+                    auth_key.as_str(),
+                    auth.digest.revoking(),
+                    Some(PutOptions::new().with_lease(lease.as_i64())),
+                ),
+                crate::delay::index_read(&self.keys, lease),
+            ])
+            .or_else([
+                TxnOp::get(auth_key.as_str(), None),
+                crate::delay::index_read(&self.keys, lease),
+            ]);
         let resp = match self.store.txn(&auth_key, disable).await {
             Err(StoreError::LeaseNotFound) => return Err(ServiceError::LeaseNotFound),
             other => other?,
@@ -420,6 +436,16 @@ impl Service {
                 }
                 None => return Err(ServiceError::LeaseNotFound),
             }
+        }
+        // A revoke by the owner is a deliberate end, like a release: no lock-delay follows.
+        // The tombstones go first (their index goes with the lease), fenced by the revision the
+        // index was read at.
+        let gets = txn_gets(&resp);
+        let index = gets.last().expect("the index read");
+        if !index.kvs().is_empty() {
+            let revision = resp.header().map_or(0, |h| h.revision());
+            self.drop_tombstones(lease, index, revision).await?;
+            self.revoke_shadows_later(crate::delay::shadows_in(index));
         }
         // Disabled: nothing can be granted or confirmed under the lease any more, so the revoke
         // is harmless whenever it lands; try every endpoint before giving up.

@@ -35,6 +35,7 @@
 
 mod admission;
 pub mod cli;
+mod delay;
 mod election;
 pub mod group;
 mod handle;
@@ -54,11 +55,15 @@ mod watch;
 use std::future::Future;
 use std::time::Duration;
 
+pub use delay::{MAX_LOCK_DELAY, shadow_lease_id, tombstone_txn};
 pub use election::{Leader, Leadership};
 pub use handle::{AuthDigest, Handle, InvalidHandle};
 pub use http::tls::TlsFiles;
 pub use http::{AppState, Limits, app, router_and_openapi};
-pub use keys::{InvalidName, KeySchema, LeaseId, LeaseMeta, LockName, MAX_NAME_BYTES, WaiterValue};
+pub use keys::{
+    InvalidName, KeySchema, LeaseId, LeaseMeta, LockName, MAX_NAME_BYTES, TombstoneValue,
+    WaiterValue,
+};
 pub use lease::{GrantedLease, LeaseInfo};
 pub use lock::{AcquireRequest, Grant, LeaseChoice, LockStatus, LockSummary, QueueEntry, Renewal};
 pub use queue::{Granted, Kind};

@@ -14,7 +14,7 @@ use std::time::Duration;
 use etcd_client::{GetOptions, SortOrder, SortTarget, Txn, TxnOp};
 
 use crate::handle::Handle;
-use crate::keys::{LeaseId, LockName, WaiterValue};
+use crate::keys::{KeySchema, LeaseId, LockName, WaiterValue};
 use crate::lease::{head_options, parse_meta, txn_gets};
 pub use crate::queue::LeaseChoice;
 use crate::queue::{Enqueue, Kind};
@@ -55,6 +55,9 @@ pub struct AcquireRequest {
     pub owner: Option<String>,
     /// A candidate's value (elections), shown while it holds.
     pub value: Option<String>,
+    /// After the hold's lease *expires* (not after a release or revoke), keep the lock from
+    /// being granted for this long (`delay.rs`); zero: none. Mutexes and semaphores only.
+    pub lock_delay: Duration,
     /// The tenant asking.
     pub tenant: Arc<Tenant>,
 }
@@ -135,6 +138,7 @@ impl Service {
                 wait: req.wait,
                 owner: req.owner,
                 value: req.value,
+                lock_delay: req.lock_delay,
                 tenant: req.tenant,
             })
             .await?;
@@ -206,9 +210,17 @@ impl Service {
                 .with_limit(STATUS_LIST_MAX as i64),
         );
         let count = at_revision(GetOptions::new().with_prefix().with_count_only());
+        // Lock-delay tombstones (`delay.rs`), to tell how many slots orphans take.
+        let tombstones = at_revision(
+            GetOptions::new()
+                .with_prefix()
+                .with_keys_only()
+                .with_limit(STATUS_LIST_MAX as i64),
+        );
         let txn = Txn::new().and_then([
             TxnOp::get(queue.as_str(), Some(in_order)),
             TxnOp::get(queue.as_str(), Some(count)),
+            TxnOp::get(self.keys.delay_prefix(name), Some(tombstones)),
         ]);
         let resp = self.store.txn(&queue, txn).await?;
         let revision = at.unwrap_or_else(|| resp.header().map_or(0, |h| h.revision()));
@@ -222,11 +234,22 @@ impl Service {
         let head_kind = values
             .first()
             .map(|v| (v.mode.clone(), v.limit.unwrap_or(1)));
-        // Who holds: the first `limit` keys (mutex, semaphore); for a read-write lock the first
-        // key, and if it is shared, every shared key before the first exclusive one.
+        // Orphan tombstones: a lock-delay after a holder's lease expired, each taking a slot
+        // (the whole lock, for a read-write lock) until it goes.
+        let listed: Vec<i64> = keys.iter().map(|kv| kv.lease()).collect();
+        let orphans = gets[2]
+            .kvs()
+            .iter()
+            .filter_map(|kv| KeySchema::lease_of_key(kv.key()))
+            .filter(|lease| !listed.contains(&lease.as_i64()))
+            .count();
+        // Who holds: the first `limit` keys (mutex, semaphore) but one per orphan; for a
+        // read-write lock (no orphan) the first key, and if it is shared, every shared key
+        // before the first exclusive one.
         let holding = match &head_kind {
             None => 0,
-            Some((None, limit)) => (*limit as usize).min(keys.len()),
+            Some((None, limit)) => (*limit as usize).saturating_sub(orphans).min(keys.len()),
+            Some(_) if orphans > 0 => 0,
             Some((Some(mode), _)) if mode == "exclusive" => 1,
             Some((Some(_), _)) => values
                 .iter()
@@ -249,8 +272,8 @@ impl Service {
             })
             .collect();
         let holder = match keys.first() {
-            Some(kv) => self.holder_of(kv).await,
-            None => None,
+            Some(kv) if holding > 0 => self.holder_of(kv).await,
+            _ => None,
         };
         let status = LockStatus {
             name: name.clone(),
@@ -375,6 +398,7 @@ mod tests {
             wait: Duration::from_secs(1),
             owner: None,
             value: None,
+            lock_delay: Duration::ZERO,
             tenant: Arc::new(Tenant::open()),
         });
         let size = std::mem::size_of_val(&acquire);

@@ -117,6 +117,18 @@ fn describe() {
         "leasehold_watch_restarts_total",
         "Times the shared lock watch broke and was re-created (every waiter then re-reads)."
     );
+    describe_counter!(
+        "leasehold_lock_delays_installed_total",
+        "Holds granted with a lock-delay (a tombstone and its shadow lease written)."
+    );
+    describe_counter!(
+        "leasehold_lock_delay_refresh_failures_total",
+        "Shadow-lease refreshes etcd did not confirm (that lock-delay may end early)."
+    );
+    describe_counter!(
+        "leasehold_lock_delay_held_off_total",
+        "Decisive reads that found a waiter held off by a lock-delay (an orphan tombstone)."
+    );
     describe_gauge!(
         "leasehold_build_info",
         "Always 1; the version label says which build runs."
@@ -225,6 +237,21 @@ pub fn admission(limit: f64, queued: usize) {
 /// Records that the shared lock watch broke and is being re-created.
 pub fn watch_restarted() {
     counter!("leasehold_watch_restarts_total").increment(1);
+}
+
+/// Counts a hold granted with a lock-delay.
+pub fn lock_delay_installed() {
+    counter!("leasehold_lock_delays_installed_total").increment(1);
+}
+
+/// Counts a shadow-lease refresh etcd did not confirm.
+pub fn lock_delay_refresh_failed() {
+    counter!("leasehold_lock_delay_refresh_failures_total").increment(1);
+}
+
+/// Counts a decisive read that found a waiter held off by a lock-delay.
+pub fn lock_delay_held_off() {
+    counter!("leasehold_lock_delay_held_off_total").increment(1);
 }
 
 /// Records one HTTP request by method, route template and status.

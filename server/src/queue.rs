@@ -23,6 +23,10 @@
 //!   request), retrying on other endpoints until etcd confirms; until then it answers `503`.
 //! - **Release** and **renew** are one txn each: the handle names the lease, hence the waiter key,
 //!   and the txn compares the handle's digest and the token in the step that acts.
+//! - **Lock-delay** (`delay.rs`): a hold granted with `lock_delay` leaves a tombstone that
+//!   outlives its lease by the delay. A tombstone whose lease has no key in the queue (an
+//!   *orphan*) takes a slot: the enqueue and the decisive read count orphans in the txn that
+//!   decides, and a waiter held off by one watches it.
 //!
 //! **Late writes.** Any request we send may be applied later, or never, whatever we answered. So
 //! a write that must not land after something else happened carries a *fence*: `mod_revision <=
@@ -39,8 +43,9 @@ use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTar
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::delay::{self, DelayedHold, Installed};
 use crate::handle::Handle;
-use crate::keys::{LeaseId, LeaseMeta, LockName, WaiterValue};
+use crate::keys::{KeySchema, LeaseId, LeaseMeta, LockName, WaiterValue};
 use crate::lease::{
     auth_matches, head_options, parse_meta, seconds_to_ms, ttl_to_etcd_seconds, txn_gets,
 };
@@ -141,6 +146,23 @@ impl Kind {
         )
     }
 
+    /// How many holders the lock takes at once: each orphan tombstone takes one of them. A
+    /// read-write lock counts as one: any orphan holds it off (lock-delay is asked for by mutexes
+    /// and semaphores; a tombstone on a read-write name is left from its use as one).
+    fn slots(self) -> usize {
+        match self {
+            Kind::Counted(limit) => limit as usize,
+            Kind::Shared | Kind::Exclusive => 1,
+        }
+    }
+
+    /// How many tombstones a decisive read looks at: enough that a read cut short at this many
+    /// holds off (at most `slots` tombstones belong to live holders, since holders and orphans
+    /// never exceed the slots), plus the waiter's own.
+    fn tombstone_limit(self) -> usize {
+        2 * self.slots() + 2
+    }
+
     /// Whether the keys [`Kind::blockers`] found leave the way clear. If every one of the
     /// nearest `limit` keys ahead still exists, at least `limit` are ahead: so watching those is
     /// enough to learn when the way may clear.
@@ -180,6 +202,10 @@ pub struct Enqueue {
     pub owner: Option<String>,
     /// A candidate's value (elections), shown while it holds.
     pub value: Option<String>,
+    /// After the hold's lease *expires*, keep the names from being granted for this long
+    /// (`delay.rs`); zero: no delay. Whole seconds (rounded up), at most
+    /// [`delay::MAX_LOCK_DELAY`].
+    pub lock_delay: Duration,
     /// The tenant asking.
     pub tenant: Arc<Tenant>,
 }
@@ -199,6 +225,8 @@ pub struct Granted {
     pub ttl_ms: u64,
     /// Who holds it.
     pub owner: Option<String>,
+    /// The lock-delay installed for the hold, in milliseconds (0: none).
+    pub lock_delay_ms: u64,
 }
 
 /// One name's part of an acquire.
@@ -239,6 +267,9 @@ struct Enqueued {
     head: Option<etcd_client::KeyValue>,
     /// Keys in the queue of each name, holder included, when a waiter quota asked for counts.
     queue_lens: Vec<u64>,
+    /// True when some name has a tombstone of another lease (`delay.rs`): the queue alone does
+    /// not say who holds, so the head read decides nothing.
+    tombstones: bool,
     /// The lease's granted TTL and owner, from its meta key.
     meta: Option<LeaseMeta>,
 }
@@ -263,6 +294,7 @@ impl Service {
             wait,
             owner,
             value: candidate,
+            lock_delay,
             tenant,
         } = req;
         names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
@@ -302,6 +334,8 @@ impl Service {
         };
         kind.store(&mut stored);
         let value = serde_json::to_vec(&stored).expect("waiter value serializes");
+        // A lock-delay's tombstone is written only while our key still carries this value.
+        let delay_value = value.clone();
         // Armed before anything is written: dropped at any await below, it cleans up.
         let mut abandon = Abandon {
             service: self.clone(),
@@ -313,6 +347,19 @@ impl Service {
             auth: auth.clone(),
             own_lease: new_handle.is_some(),
             enqueue_confirmed: false,
+            tombstones: if lock_delay.is_zero() {
+                Vec::new()
+            } else {
+                names
+                    .iter()
+                    .map(|name| {
+                        (
+                            self.keys.tombstone_key(name, auth.lease),
+                            self.keys.lease_delay_key(auth.lease, name),
+                        )
+                    })
+                    .collect()
+            },
             armed: true,
         };
         let mut lease = AcquireLease { auth, new: None };
@@ -385,7 +432,7 @@ impl Service {
             (None, Some(meta)) => meta.ttl_ms,
             (None, None) => self.etcd_granted_ttl_ms(lease.auth.lease).await?,
         };
-        let granted = Granted {
+        let mut granted = Granted {
             names: names.clone(),
             token: enqueued.my_rev as u64,
             lease_id: lease.auth.lease,
@@ -394,8 +441,41 @@ impl Service {
             owner: owner
                 .clone()
                 .or_else(|| enqueued.meta.as_ref().and_then(|m| m.owner.clone())),
+            lock_delay_ms: 0,
+        };
+        // What a grant owes before its answer: the lock-delay it asked for, if any. The lease
+        // needs a refresh first unless this request just granted (or refreshed) it.
+        let settle = |granted: &Granted, refresh_lease: bool| {
+            let hold = DelayedHold {
+                names: &names,
+                auth: &lease.auth,
+                token: granted.token,
+                value: &delay_value,
+                ttl_ms: granted.ttl_ms,
+                delay: lock_delay,
+                refresh_lease,
+            };
+            let service = self.clone();
+            let lease_id = lease.auth.lease;
+            let name = names[0].clone();
+            Box::pin(async move {
+                if hold.delay.is_zero() {
+                    return Ok(0);
+                }
+                match service.install_lock_delay(hold).await? {
+                    Installed::Done(ms) => Ok(ms),
+                    Installed::HoldGone => Err(service.why_gone(&name, lease_id).await),
+                }
+            })
         };
         if enqueued.clear {
+            match settle(&granted, lease.new.is_none()).await {
+                Ok(ms) => granted.lock_delay_ms = ms,
+                Err(err) => {
+                    let cleaned = abandon.now().await;
+                    return Err(unconfirmed_if(err, cleaned));
+                }
+            }
             abandon.disarm();
             return Ok(granted);
         }
@@ -417,8 +497,11 @@ impl Service {
             // A try without a wait. A mutex's head read in the txn says whether our (resumed)
             // key holds; otherwise one decisive read says.
             let holds = match &enqueued.head {
-                Some(head) => head.key() == seats[0].waiter_key.as_bytes(),
-                None => match self.check_turn(&seats, kind, enqueued.my_rev).await {
+                Some(head) if !enqueued.tombstones => head.key() == seats[0].waiter_key.as_bytes(),
+                _ => match self
+                    .check_turn(&seats, kind, enqueued.my_rev, lease.auth.lease)
+                    .await
+                {
                     Ok(turn) => matches!(turn, Turn::Granted),
                     Err(err) => {
                         let cleaned = abandon.now().await;
@@ -427,6 +510,13 @@ impl Service {
                 },
             };
             if holds {
+                match settle(&granted, lease.new.is_none()).await {
+                    Ok(ms) => granted.lock_delay_ms = ms,
+                    Err(err) => {
+                        let cleaned = abandon.now().await;
+                        return Err(unconfirmed_if(err, cleaned));
+                    }
+                }
                 abandon.disarm();
                 return Ok(granted);
             }
@@ -434,9 +524,10 @@ impl Service {
             if !cleaned {
                 return Err(still_cleaning_up());
             }
+            // With tombstones about, the head may be nobody's hold (a lock in lock-delay).
             let holder = match enqueued.head {
-                Some(kv) => self.holder_of(&kv).await,
-                None => self.first_holder(&names).await?,
+                Some(kv) if !enqueued.tombstones => self.holder_of(&kv).await,
+                _ => self.first_holder(&names).await?,
             };
             return Err(ServiceError::LockHeld { holder });
         };
@@ -447,7 +538,8 @@ impl Service {
             Some(predecessor) => Ok(Turn::Behind(vec![predecessor])),
             None => {
                 mark = wakeups.mark();
-                self.check_turn(&seats, kind, enqueued.my_rev).await
+                self.check_turn(&seats, kind, enqueued.my_rev, lease.auth.lease)
+                    .await
             }
         };
         loop {
@@ -459,10 +551,18 @@ impl Service {
                     // stuck; the answer promises `ttl_ms` from now. So: answer only after a
                     // confirmed refresh.
                     if lease.new.is_some()
-                        && let Err(err) = self.refresh_before_answer(lease.auth.lease).await
+                        && let Err(err) = self.refresh_lease_everywhere(lease.auth.lease).await
                     {
                         let cleaned = abandon.now().await;
                         return Err(unconfirmed_if(err, cleaned));
+                    }
+                    // The lease was just refreshed if it is this request's own.
+                    match settle(&granted, lease.new.is_none()).await {
+                        Ok(ms) => granted.lock_delay_ms = ms,
+                        Err(err) => {
+                            let cleaned = abandon.now().await;
+                            return Err(unconfirmed_if(err, cleaned));
+                        }
                     }
                     abandon.disarm();
                     metrics::waited_for_grant(queued_at.elapsed());
@@ -520,7 +620,9 @@ impl Service {
                 }
             }
             mark = wakeups.mark();
-            turn = self.check_turn(&seats, kind, enqueued.my_rev).await;
+            turn = self
+                .check_turn(&seats, kind, enqueued.my_rev, lease.auth.lease)
+                .await;
         }
     }
 
@@ -547,19 +649,6 @@ impl Service {
             }
             Err(err) => Err(err.into()),
         }
-    }
-
-    /// Refreshes the lease of a waited `ttl` grant, trying every endpoint, before answering.
-    async fn refresh_before_answer(&self, lease: LeaseId) -> Result<(), ServiceError> {
-        let mut last = None;
-        for _ in 0..self.store.endpoint_count() {
-            match self.store.lease_keep_alive(lease).await {
-                Ok(()) => return Ok(()),
-                Err(StoreError::LeaseNotFound) => return Err(ServiceError::LeaseNotFound),
-                Err(err) => last = Some(err),
-            }
-        }
-        Err(last.expect("at least one attempt").into())
     }
 
     /// Waits until a watched key is deleted, a resync or the backstop asks for a re-read, the
@@ -654,6 +743,13 @@ impl Service {
                     ops.push(TxnOp::put(exclusive.as_str(), Vec::new(), on_lease()));
                 }
                 ops.push(TxnOp::get(queue.as_str(), Some(newest_two.clone())));
+                // Tombstones, for the lock-delay rule: one range read, empty unless lock-delay is
+                // in use on this name.
+                ops.push(delay::tombstone_read(
+                    &self.keys,
+                    &seat.name,
+                    kind.tombstone_limit(),
+                ));
                 if count_queue {
                     ops.push(TxnOp::get(
                         queue.as_str(),
@@ -689,7 +785,7 @@ impl Service {
                 tracing::debug!(lock = %seats[0].name, fence, "enqueue fence refused; retrying with a fresh revision");
                 continue;
             }
-            return self.read_enqueued(seats, kind, &gets, count_queue, read_head);
+            return self.read_enqueued(seats, kind, id, &gets, count_queue, read_head);
         }
         Err(ServiceError::Unavailable(
             "the lease kept changing while enqueueing; retry".into(),
@@ -697,21 +793,25 @@ impl Service {
     }
 
     /// Interprets the gets of a successful enqueue txn: per seat `[prior, newest two,
-    /// (count)]` after the meta read, then the head.
+    /// tombstones, (count)]` after the meta read, then the head.
     fn read_enqueued(
         &self,
         seats: &[Seat],
         kind: Kind,
+        own: LeaseId,
         gets: &[etcd_client::GetResponse],
         count_queue: bool,
         read_head: bool,
     ) -> Result<Enqueued, ServiceError> {
         let meta = parse_meta(gets[0].kvs().first().map(|kv| kv.value()));
-        let per_seat = 2 + usize::from(count_queue);
+        let per_seat = 3 + usize::from(count_queue);
         let mut revisions = Vec::new();
         let mut created_all = true;
         let mut predecessors = Vec::new();
         let mut queue_lens = Vec::new();
+        // Per seat, the other leases' tombstones: when our key is the only one in its queue,
+        // every one of them is an orphan.
+        let mut orphans_if_alone = Vec::new();
         for (i, seat) in seats.iter().enumerate() {
             let at = 1 + i * per_seat;
             let (prior, newest) = (gets[at].kvs().first(), gets[at + 1].kvs());
@@ -748,8 +848,9 @@ impl Service {
                 }
                 predecessors.push(ahead.key().to_vec());
             }
+            orphans_if_alone.push(delay::others(&gets[at + 2], own).len());
             if count_queue {
-                queue_lens.push(u64::try_from(gets[at + 2].count()).unwrap_or(u64::MAX));
+                queue_lens.push(u64::try_from(gets[at + 3].count()).unwrap_or(u64::MAX));
             }
         }
         let my_rev = revisions[0];
@@ -768,8 +869,12 @@ impl Service {
         } else {
             None
         };
-        // Created now with nobody ahead on any name: clear for every kind.
-        let clear = created_all && predecessors.is_empty();
+        // Created now with nobody ahead on any name: clear for every kind, unless orphan
+        // tombstones take every slot (with nobody else in the queue, every tombstone of another
+        // lease is an orphan).
+        let tombstones = orphans_if_alone.iter().any(|n| *n > 0);
+        let delayed = orphans_if_alone.iter().any(|n| *n >= kind.slots());
+        let clear = created_all && predecessors.is_empty() && !delayed;
         let predecessor = (created_all && seats.len() == 1 && kind == Kind::MUTEX)
             .then(|| predecessors.first().cloned())
             .flatten();
@@ -779,45 +884,121 @@ impl Service {
             predecessor,
             head,
             queue_lens,
+            tombstones,
             meta,
         })
     }
 
     /// The decisive read: in one txn, confirm our keys are still the ones we created and look
-    /// for what may block each of them.
+    /// for what may block each of them: the nearest keys ahead, and orphan tombstones
+    /// (lock-delay, `delay.rs`), each of which takes a slot.
+    ///
+    /// A tombstone is an orphan when its lease has no waiter key in the queue. Its lease's key,
+    /// if it exists, holds (a tombstone is written only for a granted key, and a holder stays
+    /// one until its key goes), so it is either among the keys ahead, which the read returns
+    /// whole whenever fewer than the slots are ahead, or behind us within the first slots of the
+    /// queue. Only a semaphore can have a holder behind a waiter, so only there, and only when
+    /// the count matters, a second read (one txn again, deciding alone) looks behind us too.
     async fn check_turn(
         &self,
         seats: &[Seat],
         kind: Kind,
         my_rev: i64,
+        own: LeaseId,
     ) -> Result<Turn, StoreError> {
         let compares: Vec<Compare> = seats
             .iter()
             .map(|s| Compare::create_revision(s.waiter_key.as_str(), CompareOp::Equal, my_rev))
             .collect();
-        let reads: Vec<TxnOp> = seats
-            .iter()
-            .map(|s| kind.blockers(&self.keys, &s.name, my_rev))
-            .collect();
-        let target = &seats[0].waiter_key;
-        let resp = self
-            .store
-            .txn(target, Txn::new().when(compares).and_then(reads))
-            .await?;
-        if !resp.succeeded() {
-            return Ok(Turn::Gone);
-        }
-        let mut blockers = Vec::new();
-        for found in txn_gets(&resp) {
-            if !kind.clear(found.kvs().len()) {
-                blockers.extend(found.kvs().iter().map(|kv| kv.key().to_vec()));
+        let mut look_behind = false;
+        'read: loop {
+            let mut reads = Vec::new();
+            for seat in seats {
+                reads.push(kind.blockers(&self.keys, &seat.name, my_rev));
+                reads.push(delay::tombstone_read(
+                    &self.keys,
+                    &seat.name,
+                    kind.tombstone_limit(),
+                ));
+                if look_behind {
+                    reads.push(TxnOp::get(
+                        self.keys.queue_prefix(&seat.name),
+                        Some(
+                            GetOptions::new()
+                                .with_prefix()
+                                .with_min_create_revision(my_rev + 1)
+                                .with_sort(SortTarget::Create, SortOrder::Ascend)
+                                .with_limit(kind.slots() as i64)
+                                .with_keys_only(),
+                        ),
+                    ));
+                }
             }
+            let target = &seats[0].waiter_key;
+            let resp = self
+                .store
+                .txn(target, Txn::new().when(compares.clone()).and_then(reads))
+                .await?;
+            if !resp.succeeded() {
+                return Ok(Turn::Gone);
+            }
+            let gets = txn_gets(&resp);
+            let per_seat = 2 + usize::from(look_behind);
+            let mut blockers = Vec::new();
+            let mut held_off = false;
+            for found in gets.chunks(per_seat) {
+                let ahead = found[0].kvs();
+                let slots = kind.slots();
+                if !kind.clear(ahead.len()) {
+                    blockers.extend(ahead.iter().map(|kv| kv.key().to_vec()));
+                    continue;
+                }
+                // Keys that hold: every key ahead (all of them were read: fewer than the
+                // slots), and, on a second read, the first ones behind us.
+                let mut alive: Vec<LeaseId> = ahead
+                    .iter()
+                    .filter_map(|kv| KeySchema::lease_of_key(kv.key()))
+                    .collect();
+                if look_behind {
+                    alive.extend(
+                        found[2]
+                            .kvs()
+                            .iter()
+                            .filter_map(|kv| KeySchema::lease_of_key(kv.key())),
+                    );
+                }
+                let unresolved: Vec<Vec<u8>> = delay::others(&found[1], own)
+                    .into_iter()
+                    .filter(|(_, lease)| !alive.contains(lease))
+                    .map(|(key, _)| key)
+                    .collect();
+                // Which kind of key ahead the count is of: a shared waiter's read is of the
+                // exclusive marks, and any tombstone holds it off.
+                let taken = match kind {
+                    Kind::Counted(_) => ahead.len(),
+                    Kind::Shared | Kind::Exclusive => 0,
+                };
+                if taken + unresolved.len() < slots {
+                    continue; // clear, even if every unresolved tombstone is an orphan
+                }
+                if matches!(kind, Kind::Counted(n) if n > 1) && !look_behind {
+                    // Some of them may belong to holders behind us: read again, looking there.
+                    look_behind = true;
+                    continue 'read;
+                }
+                held_off = true;
+                blockers.extend(ahead.iter().map(|kv| kv.key().to_vec()));
+                blockers.extend(unresolved);
+            }
+            if held_off {
+                crate::metrics::lock_delay_held_off();
+            }
+            return Ok(if blockers.is_empty() {
+                Turn::Granted
+            } else {
+                Turn::Behind(blockers)
+            });
         }
-        Ok(if blockers.is_empty() {
-            Turn::Granted
-        } else {
-            Turn::Behind(blockers)
-        })
     }
 
     /// The holder of the first of `names` that is held, if any: who stands in a group's way.
@@ -866,6 +1047,10 @@ impl Service {
     /// token) rewrites the key, so an earlier release landing afterwards deletes nothing. Retried
     /// on other endpoints while etcd gives no answer; a retry that finds the keys gone after an
     /// unanswered attempt counts as released.
+    ///
+    /// A release is a deliberate end: the same txn deletes the hold's lock-delay tombstone and
+    /// index entry (`delay.rs`), so no delay follows, and the spent shadow lease is revoked in the
+    /// background. (Only a single name can carry a lock-delay: groups cannot ask for one.)
     pub(crate) async fn release_names(
         &self,
         tenant: &Tenant,
@@ -904,6 +1089,15 @@ impl Service {
                     None,
                 ));
             }
+            if let [name] = names {
+                let index = self.keys.lease_delay_key(auth.lease, name);
+                deletes.push(TxnOp::get(index.as_str(), None));
+                deletes.push(TxnOp::delete(index.as_str(), None));
+                deletes.push(TxnOp::delete(
+                    self.keys.tombstone_key(name, auth.lease),
+                    None,
+                ));
+            }
             let mut diagnose = vec![TxnOp::get(auth_key.as_str(), None)];
             for (name, key) in names.iter().zip(&waiter_keys) {
                 diagnose.push(TxnOp::get(key.as_str(), None));
@@ -926,6 +1120,9 @@ impl Service {
                 Err(err) => return Err(err.into()),
             };
             if resp.succeeded() {
+                if let Some(index) = txn_gets(&resp).first() {
+                    self.revoke_shadows_later(delay::shadows_in(index));
+                }
                 return Ok(());
             }
             let gets = txn_gets(&resp);
@@ -974,6 +1171,9 @@ impl Service {
     /// Confirms `token` still holds `name` under the handle's lease, and keeps the lease alive:
     /// etcd cannot keep a lease alive inside a txn, so the keep-alive and the confirming txn run
     /// side by side; the answer is a renewal only if both succeed. Returns the lease's TTL.
+    ///
+    /// The confirming txn also reads the lease's lock-delay index; once the keep-alive is
+    /// confirmed, the shadow leases it names are refreshed too (`delay.rs`).
     pub(crate) async fn renew_hold(
         &self,
         tenant: &Tenant,
@@ -989,7 +1189,10 @@ impl Service {
                 auth_matches(&auth_key, auth),
                 Compare::create_revision(waiter_key.as_str(), CompareOp::Equal, token_rev(token)),
             ])
-            .and_then([TxnOp::get(self.keys.lease_meta_key(auth.lease), None)])
+            .and_then([
+                TxnOp::get(self.keys.lease_meta_key(auth.lease), None),
+                delay::index_read(&self.keys, auth.lease),
+            ])
             .or_else([
                 TxnOp::get(auth_key.as_str(), None),
                 TxnOp::get(self.keys.queue_prefix(name), Some(head_options())),
@@ -1010,7 +1213,9 @@ impl Service {
             Err(StoreError::LeaseNotFound) => return Err(ServiceError::NotHolder),
             other => other?,
         }
-        match parse_meta(txn_gets(&confirmed)[0].kvs().first().map(|kv| kv.value())) {
+        let gets = txn_gets(&confirmed);
+        self.refresh_shadows(auth.lease, &gets[1]).await;
+        match parse_meta(gets[0].kvs().first().map(|kv| kv.value())) {
             Some(meta) => Ok(meta.ttl_ms),
             None => self.etcd_granted_ttl_ms(auth.lease).await,
         }
@@ -1083,6 +1288,9 @@ struct Abandon {
     own_lease: bool,
     /// True once etcd answered the enqueue: no late enqueue of ours can land any more.
     enqueue_confirmed: bool,
+    /// Per name, the lock-delay tombstone and index key this request may have written (empty
+    /// without a lock-delay): a clean-up is a deliberate end, so no delay follows it.
+    tombstones: Vec<(String, String)>,
     armed: bool,
 }
 
@@ -1111,6 +1319,7 @@ impl Abandon {
             auth: self.auth.clone(),
             own_lease: self.own_lease,
             enqueue_confirmed: self.enqueue_confirmed,
+            tombstones: self.tombstones.clone(),
         }
     }
 }
@@ -1131,6 +1340,7 @@ struct CleanUp {
     auth: LeaseAuth,
     own_lease: bool,
     enqueue_confirmed: bool,
+    tombstones: Vec<(String, String)>,
 }
 
 impl CleanUp {
@@ -1144,10 +1354,17 @@ impl CleanUp {
         let deletes: Vec<TxnOp> = self
             .seats
             .iter()
-            .map(|(key, exclusive)| {
+            .enumerate()
+            .map(|(i, (key, exclusive))| {
                 let mut ops = vec![TxnOp::delete(key.as_str(), None)];
                 if let Some(x) = exclusive {
                     ops.push(TxnOp::delete(x.as_str(), None));
+                }
+                // A lock-delay installed for this hold goes with it (in the same step, under
+                // the same compare: only while the hold is still this request's).
+                if let Some((tombstone, index)) = self.tombstones.get(i) {
+                    ops.push(TxnOp::delete(tombstone.as_str(), None));
+                    ops.push(TxnOp::delete(index.as_str(), None));
                 }
                 TxnOp::txn(
                     Txn::new()
@@ -1186,6 +1403,25 @@ impl CleanUp {
                 result = store.lease_revoke(self.auth.lease).await;
                 if !matches!(result, Err(StoreError::Unavailable(_))) {
                     break;
+                }
+            }
+            // The revoke takes the waiter keys, not a tombstone (it is on its shadow lease):
+            // delete it too. Once the lease is gone no tombstone of it can be written any more
+            // (the install txn compares its waiter key), so this delete is final whenever it
+            // lands, and harmless (the lease id was fresh: no other hold has that tombstone).
+            if matches!(result, Ok(()) | Err(StoreError::LeaseNotFound))
+                && !self.tombstones.is_empty()
+            {
+                let deletes: Vec<TxnOp> = self
+                    .tombstones
+                    .iter()
+                    .map(|(tombstone, _)| TxnOp::delete(tombstone.as_str(), None))
+                    .collect();
+                if let Err(err) = store
+                    .txn_until_answered(&self.tombstones[0].0, Txn::new().and_then(deletes), rounds)
+                    .await
+                {
+                    result = Err(err);
                 }
             }
             result

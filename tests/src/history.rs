@@ -27,8 +27,12 @@
 //! [`check`] verifies, per lock:
 //!
 //! 1. **Token order**: tokens strictly increase in grant order (grants ordered by the time the
-//!    acquire completed).
-//! 2. **Mutual exclusion**: no two holds overlap.
+//!    acquire completed). For a semaphore ([`Kind::Semaphore`]), whose holders are granted
+//!    side by side and whose grants may complete out of token order: no token is granted twice,
+//!    and a grant's token is above every token whose grant completed before its acquire was
+//!    invoked.
+//! 2. **Mutual exclusion**: no two holds overlap; for a semaphore of N, no more than N holds
+//!    overlap at any time ([`Rule::OverLimit`]).
 //! 3. **Fencing**: (a) the lock's fenced resource never accepted a write whose token is lower than
 //!    one it had already accepted (writes are checked in the order they were recorded, which is
 //!    the resource's order: they are recorded while the resource is locked); (b) a write the
@@ -37,7 +41,8 @@
 //!    was stopped between its check and its write, [`Kind::UncheckedWriteInvoke`]) are subject
 //!    to (a) only: fencing is what protects the resource from them.
 //! 4. **No stale success**: a renew or release of token `t` that was invoked after a grant of a
-//!    larger token had completed did not succeed (that grant proves `t`'s hold was gone).
+//!    larger token had completed did not succeed (that grant proves `t`'s hold was gone). Not
+//!    for a semaphore (a larger token's grant proves nothing there).
 //! 5. **Nothing without quorum**: no acquire, renew, release, lease grant, revoke or status read
 //!    both invoked and completed while an etcd quorum was known to be lost succeeded.
 //! 6. **Nothing under a dead lease**: no acquire or renew under a lease succeeded if it was
@@ -234,6 +239,12 @@ pub enum Kind {
         /// What.
         fault: String,
     },
+    /// Lock `lock` is a semaphore of `limit` holders (every acquire of it gives that limit).
+    /// Recorded once, before its first acquire; a lock without it is a mutex.
+    Semaphore {
+        /// Holders at once.
+        limit: u32,
+    },
 }
 
 impl Kind {
@@ -361,6 +372,7 @@ impl fmt::Display for Kind {
                 if *quorum_lost { " (no quorum)" } else { "" }
             ),
             Kind::FaultEnd { fault } => write!(f, "fault end: {fault}"),
+            Kind::Semaphore { limit } => write!(f, "semaphore of {limit} holders"),
         }
     }
 }
@@ -580,6 +592,8 @@ pub enum Rule {
     TokenOrder,
     /// Rule 2: two holds of one lock overlap.
     Overlap,
+    /// Rule 2 for a semaphore of N: more than N holds of one lock overlap.
+    OverLimit,
     /// Rule 3a: the fenced resource accepted a token lower than one it had accepted.
     StaleWriteAccepted,
     /// Rule 3b: the resource accepted a checked write sent outside its writer's hold.
@@ -1054,10 +1068,22 @@ pub fn check_with(events: &[Event], limits: &Limits) -> Result<Summary, Violatio
     for (lock, of_lock) in &per_lock {
         let lock = *lock;
         let holds = history.holds_of(of_lock);
-        token_order(lock, &holds, &mut violations);
-        mutual_exclusion(lock, &holds, &mut violations);
+        match semaphore_limit(of_lock) {
+            None => {
+                token_order(lock, &holds, &mut violations);
+                mutual_exclusion(lock, &holds, &mut violations);
+                stale_success(&history, lock, of_lock, &holds, &mut violations);
+            }
+            // Holders overlap and hold different tokens, so a renew of a smaller token after a
+            // larger one's grant is normal (no rule 4), and grants may complete out of token
+            // order: rule 1 compares a grant only with the holds granted before its acquire
+            // was invoked.
+            Some(limit) => {
+                semaphore_token_order(&history, lock, &holds, &mut violations);
+                holder_limit(lock, &holds, limit, &mut violations);
+            }
+        }
         fencing(&history, lock, of_lock, &holds, &mut violations);
-        stale_success(&history, lock, of_lock, &holds, &mut violations);
         dead_lease(&history, lock, of_lock, &holds, &all_holds, &mut violations);
         let (seen, untold) =
             untold_holders(&history, lock, of_lock, &holds, &all_holds, &mut violations);
@@ -1096,6 +1122,32 @@ pub fn check_with(events: &[Event], limits: &Limits) -> Result<Summary, Violatio
         holders_seen,
         untold_seen,
     })
+}
+
+/// The most holds of one lock that overlapped at once, holds as the checker sees them (from
+/// the grant to the first end its client recorded: release invoke, loss, lease given up): how
+/// much a semaphore workload actually exercised its limit.
+pub fn most_holds_at_once(events: &[Event]) -> usize {
+    let limits = Limits::default();
+    let history = History::new(events, &limits);
+    let locks: BTreeSet<&str> = events
+        .iter()
+        .filter(|e| !e.lock.is_empty())
+        .map(|e| e.lock.as_str())
+        .collect();
+    let mut most = 0;
+    for lock in locks {
+        let of_lock: Vec<&Event> = events.iter().filter(|e| e.lock == lock).collect();
+        let holds = history.holds_of(&of_lock);
+        for hold in &holds {
+            let at_once = holds
+                .iter()
+                .filter(|h| h.grant.at <= hold.grant.at && hold.grant.at < h.end())
+                .count();
+            most = most.max(at_once);
+        }
+    }
+    most
 }
 
 /// Rule 1: tokens strictly increase in grant order (`holds` are sorted by grant).
@@ -1144,6 +1196,78 @@ fn mutual_exclusion(lock: &str, holds: &[Hold], violations: &mut Vec<Violation>)
         }
         if latest.is_none_or(|prev| hold.end() > prev.end()) {
             latest = Some(hold);
+        }
+    }
+}
+
+/// The limit a lock was declared with ([`Kind::Semaphore`]), if above 1.
+fn semaphore_limit(of_lock: &[&Event]) -> Option<usize> {
+    of_lock
+        .iter()
+        .find_map(|e| match e.kind {
+            Kind::Semaphore { limit } => Some(limit as usize),
+            _ => None,
+        })
+        .filter(|limit| *limit > 1)
+}
+
+/// Rule 1 for a semaphore: tokens are never granted twice, and a grant's token is above every
+/// token whose grant had completed before this grant's acquire was invoked (its key was created
+/// after that invoke, hence after every key already granted).
+fn semaphore_token_order(
+    history: &History,
+    lock: &str,
+    holds: &[Hold],
+    violations: &mut Vec<Violation>,
+) {
+    for (i, hold) in holds.iter().enumerate() {
+        let invoked = history
+            .invokes
+            .get(&hold.grant.op)
+            .map_or(hold.grant.at, |e| e.at);
+        if let Some(earlier) = holds[..i]
+            .iter()
+            .find(|e| e.token == hold.token || (e.grant.at < invoked && e.token > hold.token))
+        {
+            violations.push(Violation {
+                rule: Rule::TokenOrder,
+                what: format!(
+                    "lock {lock}: token {} was granted after token {} had been, not above it",
+                    hold.token, earlier.token
+                ),
+                events: vec![earlier.grant.clone(), hold.grant.clone()],
+            });
+        }
+    }
+}
+
+/// Rule 2 for a semaphore of `limit`: at no time do more than `limit` holds overlap. Reports
+/// each grant that made one too many, with the holds it overlapped.
+fn holder_limit(lock: &str, holds: &[Hold], limit: usize, violations: &mut Vec<Violation>) {
+    for (i, hold) in holds.iter().enumerate() {
+        if hold.end() <= hold.grant.at {
+            continue; // ended as it began
+        }
+        // Holds granted before this one (sorted by grant) that had not ended when it began.
+        let live: Vec<&Hold> = holds[..i]
+            .iter()
+            .filter(|h| hold.grant.at < h.end() && h.grant.at < h.end())
+            .collect();
+        if live.len() >= limit {
+            let mut involved: Vec<Event> = live.iter().flat_map(|h| h.events()).collect();
+            involved.extend(hold.events());
+            violations.push(Violation {
+                rule: Rule::OverLimit,
+                what: format!(
+                    "lock {lock} (a semaphore of {limit}): {} was granted token {} while {} \
+                     others held (tokens {:?})",
+                    hold.grant.client,
+                    hold.token,
+                    live.len(),
+                    live.iter().map(|h| h.token).collect::<Vec<_>>()
+                ),
+                events: by_time(involved),
+            });
         }
     }
 }
@@ -1715,6 +1839,74 @@ mod tests {
         let printed = err.to_string();
         assert!(printed.contains("b was granted token 9 while a still held token 5"));
         assert!(!printed.contains("token=11"), "unrelated events: {printed}");
+    }
+
+    /// Lock `x` declared a semaphore of 3.
+    fn semaphore_of_3() -> Hand {
+        Hand::default().at(0, 999, "", "x", Kind::Semaphore { limit: 3 })
+    }
+
+    #[test]
+    fn three_overlapping_holders_of_a_semaphore_of_three_pass() {
+        let h = semaphore_of_3()
+            .hold(10, 100, 1, "a", "x", 5)
+            .hold(20, 110, 10, "b", "x", 6)
+            .hold(30, 120, 20, "c", "x", 7)
+            // Granted as a's hold ended (100): never more than three at once.
+            .hold(105, 200, 30, "d", "x", 8);
+        let summary = check(&h.events).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(summary.grants, 4);
+    }
+
+    /// The planted violation: a fourth holder while three hold.
+    #[test]
+    fn a_fourth_overlapping_holder_of_a_semaphore_of_three_fails() {
+        let h = semaphore_of_3()
+            .hold(10, 100, 1, "a", "x", 5)
+            .hold(20, 110, 10, "b", "x", 6)
+            .hold(30, 120, 20, "c", "x", 7)
+            .hold(40, 130, 30, "d", "x", 8)
+            .hold(300, 400, 40, "e", "x", 11);
+        let err = check(&h.events).unwrap_err();
+        assert_eq!(err.rules(), set(&[Rule::OverLimit]), "{err}");
+        assert_eq!(err.0.len(), 1, "{err}");
+        let printed = err.to_string();
+        assert!(
+            printed.contains("d was granted token 8 while 3 others held (tokens [5, 6, 7])"),
+            "{printed}"
+        );
+        assert!(!printed.contains("token=11"), "unrelated events: {printed}");
+        // The same history as a mutex breaks mutual exclusion.
+        let as_mutex: Vec<Event> = h.events[1..].to_vec();
+        assert!(check(&as_mutex).unwrap_err().has(Rule::Overlap));
+    }
+
+    #[test]
+    fn semaphore_tokens_grow_from_one_invoke_to_the_next() {
+        // b's acquire was invoked (5) before a's grant completed (10): b's smaller token,
+        // granted later (20), is fine.
+        let ok = semaphore_of_3()
+            .at(1, 1, "a", "x", Kind::AcquireInvoke)
+            .at(5, 2, "b", "x", Kind::AcquireInvoke)
+            .at(10, 1, "a", "x", Kind::AcquireOk { token: 9 })
+            .at(20, 2, "b", "x", Kind::AcquireOk { token: 7 })
+            .at(50, 3, "a", "x", Kind::ReleaseInvoke { token: 9 })
+            .at(55, 3, "a", "x", Kind::ReleaseOk { token: 9 })
+            .at(60, 4, "b", "x", Kind::ReleaseInvoke { token: 7 })
+            .at(65, 4, "b", "x", Kind::ReleaseOk { token: 7 });
+        check(&ok.events).unwrap_or_else(|e| panic!("{e}"));
+        // c's acquire was invoked (15) after a's grant (10): a token below a's is a violation,
+        // and so is a token granted twice.
+        let bad = ok
+            .at(15, 5, "c", "x", Kind::AcquireInvoke)
+            .at(30, 5, "c", "x", Kind::AcquireOk { token: 8 })
+            .at(31, 6, "d", "x", Kind::AcquireInvoke)
+            .at(35, 7, "c", "x", Kind::ReleaseInvoke { token: 8 })
+            .at(40, 6, "d", "x", Kind::AcquireOk { token: 7 })
+            .at(45, 8, "d", "x", Kind::ReleaseInvoke { token: 7 });
+        let err = check(&bad.events).unwrap_err();
+        assert_eq!(err.rules(), set(&[Rule::TokenOrder]), "{err}");
+        assert_eq!(err.0.len(), 2, "{err}");
     }
 
     #[test]

@@ -284,6 +284,11 @@ pub struct WorkloadConfig {
     /// After an acquire of unknown outcome, its client leaves that lock alone this long, so that
     /// a key it may have left behind is seen only by others (rule 7 of the checker).
     pub avoid_after_unknown: Duration,
+    /// Every lock is a semaphore of this many holders (declared to the checker); `None`:
+    /// mutexes.
+    pub limit: Option<u32>,
+    /// One acquire in two asks for this lock-delay (an expired hold then holds its slot back).
+    pub lock_delay: Option<Duration>,
 }
 
 impl WorkloadConfig {
@@ -300,6 +305,8 @@ impl WorkloadConfig {
             long_hold: Duration::from_secs(4),
             request_timeout: Duration::from_secs(3),
             avoid_after_unknown: Duration::from_secs(12),
+            limit: None,
+            lock_delay: None,
         }
     }
 }
@@ -335,6 +342,11 @@ impl Workload {
         seed: u64,
     ) -> Result<Self> {
         let (quiesce, stop) = (CancellationToken::new(), CancellationToken::new());
+        if let Some(limit) = config.limit {
+            for lock in &config.locks {
+                recorder.record("", lock, Kind::Semaphore { limit });
+            }
+        }
         let config = Arc::new(config);
         let mut tasks = Vec::new();
         for i in 0..config.clients {
@@ -454,6 +466,19 @@ impl Worker {
             .unwrap_or(first)
     }
 
+    /// The kind of lock the workload uses (a semaphore with `limit`), and one time in two its
+    /// lock-delay.
+    fn shape<'a>(&mut self, builder: leasehold::LockBuilder<'a>) -> leasehold::LockBuilder<'a> {
+        let builder = match self.config.limit {
+            Some(limit) => builder.limit(limit),
+            None => builder,
+        };
+        match self.config.lock_delay {
+            Some(delay) if self.rng.one_in(2) => builder.lock_delay(delay),
+            _ => builder,
+        }
+    }
+
     fn wait(&mut self) -> Duration {
         if self.rng.one_in(4) {
             self.rng
@@ -494,9 +519,9 @@ impl Worker {
         let lock = self.config.locks[seat].clone();
         let wait = self.wait();
         let op = self.rec.invoke(&self.me, &lock, Kind::AcquireInvoke);
+        let builder = self.client.lock(lock.as_str());
         let result = self
-            .client
-            .lock(lock.as_str())
+            .shape(builder)
             .ttl(self.config.ttl)
             .wait(wait)
             .owner(&self.me)
@@ -567,9 +592,9 @@ impl Worker {
             let op = self
                 .rec
                 .invoke(&self.me, &lock, Kind::AcquireUnder { lease: id.clone() });
+            let builder = self.client.lock(lock.as_str());
             let result = self
-                .client
-                .lock(lock.as_str())
+                .shape(builder)
                 .lease(&lease)
                 .wait(wait)
                 .owner(&self.me)
@@ -659,9 +684,9 @@ impl Worker {
         let op = self
             .rec
             .invoke(&self.me, &lock, Kind::AcquireUnder { lease: id.clone() });
+        let builder = self.client.lock(lock.as_str());
         let result = self
-            .client
-            .lock(lock.as_str())
+            .shape(builder)
             .lease(&lease)
             .owner(&self.me)
             .try_acquire()

@@ -370,3 +370,76 @@ async fn cli_honours_retry_after() -> Result<()> {
     );
     Ok(())
 }
+
+/// `Client::failovers` counts calls another endpoint answered after one failed: a refused
+/// connection (a bound-then-dropped port) then a live stub is one per call until the client
+/// prefers the live endpoint; a call answered at once, a retry answered by the same endpoint,
+/// and a call that fails everywhere are none. Clones share the count.
+#[tokio::test]
+async fn failovers_count_calls_answered_by_another_endpoint() -> Result<()> {
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        format!("http://{}", listener.local_addr()?)
+    };
+    let live = Stub::start(Arc::new(|_| (200, None, STATUS))).await?;
+    let client = Client::builder()
+        .endpoint(&dead)
+        .endpoint(&live.url)
+        .retry_budget(RetryBudget::unlimited())
+        .build()?;
+    assert_eq!(client.failovers(), 0);
+    client.status("x").await?;
+    assert_eq!(
+        client.failovers(),
+        1,
+        "the dead endpoint refused, the live one answered"
+    );
+    // The client now starts at the live endpoint: answered at once, no fail-over.
+    client.status("x").await?;
+    client.clone().status("x").await?;
+    assert_eq!(client.failovers(), 1);
+
+    // A fresh client fails over again; its count is its own.
+    let other = Client::builder()
+        .endpoint(&dead)
+        .endpoint(&live.url)
+        .build()?;
+    other.status("x").await?;
+    assert_eq!((other.failovers(), client.failovers()), (1, 1));
+
+    // One endpoint that sheds once, then answers: a retry at the same endpoint, not a
+    // fail-over.
+    let once = Stub::start(Arc::new(|n| match n {
+        0 => (503, Some("0"), OVERLOADED),
+        _ => (200, None, STATUS),
+    }))
+    .await?;
+    let single = Client::builder()
+        .endpoint(&once.url)
+        .retry_budget(RetryBudget::unlimited())
+        .build()?;
+    single.status("x").await?;
+    assert_eq!(once.arrivals().len(), 2);
+    assert_eq!(single.failovers(), 0);
+
+    // An endpoint that sheds, then another that answers: a fail-over.
+    let shedding = Stub::start(Arc::new(|_| (503, None, OVERLOADED))).await?;
+    let failing_over = Client::builder()
+        .endpoint(&shedding.url)
+        .endpoint(&live.url)
+        .retry_budget(RetryBudget::unlimited())
+        .build()?;
+    failing_over.status("x").await?;
+    assert_eq!(failing_over.failovers(), 1);
+
+    // Every endpoint fails: no answer, no fail-over.
+    let nowhere = Client::builder()
+        .endpoint(&dead)
+        .endpoint(&shedding.url)
+        .retry_policy(RetryPolicy::once_per_endpoint())
+        .retry_budget(RetryBudget::unlimited())
+        .build()?;
+    nowhere.status("x").await.unwrap_err();
+    assert_eq!(nowhere.failovers(), 0);
+    Ok(())
+}

@@ -41,6 +41,9 @@ const PLAIN_METRICS: &[&str] = &[
     "leasehold_admission_limit",
     "leasehold_admission_queue",
     "leasehold_watch_restarts_total",
+    "leasehold_lock_delays_installed_total",
+    "leasehold_lock_delay_refresh_failures_total",
+    "leasehold_lock_delay_held_off_total",
 ];
 
 /// Histograms `leasehold-server` exports; queried through `_bucket`, `_sum` and `_count`.

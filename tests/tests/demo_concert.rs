@@ -109,6 +109,20 @@ async fn chaos_run_sells_no_seat_twice() -> Result<()> {
             "{:?}",
             report.chaos_events
         );
+        // Buyers whose replica was killed were answered by the other one: measured, not assumed.
+        assert!(
+            report.failovers > 0,
+            "no request was answered by another replica after the kill: {report}"
+        );
+        assert!(
+            report.chaos_events.iter().any(|e| e.contains(&format!(
+                "{} requests were answered by another replica",
+                report.failovers
+            ))),
+            "{:?}",
+            report.chaos_events
+        );
+        assert_eq!(report.audit.groups_split, 0, "a group of friends was split");
         // Every stalled buyer was taken over and its late write rejected: the ledger's rejected
         // count is exactly those.
         let stalls: Vec<&String> = report

@@ -76,6 +76,8 @@ pub(super) enum Job {
         limit: Option<u32>,
         shared: bool,
         exclusive: bool,
+        /// Lock-delay (zero: none).
+        lock_delay: Duration,
     },
     /// The leadership of an election.
     Elect { name: String, value: String },
@@ -109,8 +111,9 @@ impl Job {
                 limit,
                 shared,
                 exclusive,
+                lock_delay,
             } => {
-                let mut request = client.lock(name).lease(lease);
+                let mut request = client.lock(name).lease(lease).lock_delay(*lock_delay);
                 if let Some(owner) = &run.owner {
                     request = request.owner(owner);
                 }

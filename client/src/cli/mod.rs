@@ -180,6 +180,12 @@ pub struct LockArgs {
     /// A read-write lock, as a writer: holds alone (see --shared).
     #[arg(short = 'x', long)]
     pub exclusive: bool,
+    /// Lock-delay: if this hold's lease expires (not on release), nobody gets the lock (that
+    /// slot of a semaphore) for this long afterwards, e.g. `5s`; at most 60 s. Mutexes and
+    /// semaphores only.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration,
+          conflicts_with_all = ["shared", "exclusive"])]
+    pub lock_delay: Option<Duration>,
     /// How to wait, hold and run CMD.
     #[command(flatten)]
     pub run: RunArgs,
@@ -518,6 +524,7 @@ pub async fn run(cli: Cli) -> u8 {
                 limit: args.limit,
                 shared: args.shared,
                 exclusive: args.exclusive,
+                lock_delay: args.lock_delay.unwrap_or_default(),
             };
             return lock::run(builder, job, args.run, &out).await;
         }

@@ -126,6 +126,7 @@ pub async fn campaign(
         )));
     }
     let wait = fields.wait(&state.limits)?;
+    fields.lock_delay(None)?;
     crate::admission::be_patient(wait);
     let owner = fields.owner()?;
     let lease = lease_choice(&fields, &state.limits, &tenant, handle)?;
@@ -139,6 +140,7 @@ pub async fn campaign(
             wait,
             owner,
             value: value.clone(),
+            lock_delay: std::time::Duration::ZERO,
             tenant,
         })
         .await;

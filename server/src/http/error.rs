@@ -26,6 +26,9 @@ pub enum ApiError {
     /// `wait` is unparseable or above the maximum.
     #[error("invalid wait: {0}")]
     InvalidWait(String),
+    /// `lock_delay` is not a duration, is above 60 s, or was given where it does not apply.
+    #[error("invalid lock_delay: {0}")]
+    InvalidLockDelay(String),
     /// Any other malformed request (wrong field types, both or neither of `lease_id`/`ttl`...).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
@@ -110,6 +113,7 @@ impl ApiError {
             E::InvalidName(_) => (StatusCode::BAD_REQUEST, "invalid_name"),
             E::InvalidTtl(_) => (StatusCode::BAD_REQUEST, "invalid_ttl"),
             E::InvalidWait(_) => (StatusCode::BAD_REQUEST, "invalid_wait"),
+            E::InvalidLockDelay(_) => (StatusCode::BAD_REQUEST, "invalid_lock_delay"),
             E::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             E::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             E::LeaseNotFound => (StatusCode::NOT_FOUND, "lease_not_found"),

@@ -221,6 +221,27 @@ impl Fields<'_> {
         Ok(wait)
     }
 
+    /// `lock_delay`: a humantime duration from 0 to [`crate::delay::MAX_LOCK_DELAY`] (60 s),
+    /// default zero (no delay). Only a mutex or a semaphore takes one (`kind`); `None` for any
+    /// other acquire (a read-write lock, a group, an election): a non-zero delay there is refused.
+    pub fn lock_delay(&self, kind: Option<crate::Kind>) -> Result<Duration, ApiError> {
+        let delay = self
+            .duration("lock_delay", ApiError::InvalidLockDelay)?
+            .unwrap_or(Duration::ZERO);
+        if delay > crate::delay::MAX_LOCK_DELAY {
+            return Err(ApiError::InvalidLockDelay(format!(
+                "`lock_delay` is above the maximum of {}",
+                humantime::format_duration(crate::delay::MAX_LOCK_DELAY)
+            )));
+        }
+        if !delay.is_zero() && !matches!(kind, Some(crate::Kind::Counted(_))) {
+            return Err(ApiError::InvalidLockDelay(
+                "`lock_delay` applies to mutexes and semaphores only (not to read-write locks, groups or elections)".into(),
+            ));
+        }
+        Ok(delay)
+    }
+
     /// The lock kind an acquire asks for: `limit` (a semaphore of that many holders, 1 to
     /// 10,000) or `mode` (`"shared"` or `"exclusive"`: a read-write lock),
     /// not both; neither: a mutex.
@@ -350,6 +371,7 @@ mod tests {
             Just("token".to_owned()),
             Just("limit".to_owned()),
             Just("mode".to_owned()),
+            Just("lock_delay".to_owned()),
             ".{0,6}",
         ];
         proptest::collection::btree_map(key, value, 0..6).prop_map(|m| m.into_iter().collect())
@@ -405,6 +427,55 @@ mod tests {
     }
 
     #[test]
+    fn lock_delay_rules() {
+        let none = fields(json!({}));
+        assert_eq!(
+            Fields(&none).lock_delay(Some(crate::Kind::MUTEX)).unwrap(),
+            Duration::ZERO
+        );
+        for (text, ms) in [("0s", 0), ("1500ms", 1500), ("5s", 5000), ("60s", 60_000)] {
+            let map = fields(json!({ "lock_delay": text }));
+            assert_eq!(
+                Fields(&map)
+                    .lock_delay(Some(crate::Kind::Counted(3)))
+                    .unwrap(),
+                Duration::from_millis(ms)
+            );
+        }
+        for bad in [
+            json!({"lock_delay": "61s"}),
+            json!({"lock_delay": "1h"}),
+            json!({"lock_delay": "abc"}),
+            json!({"lock_delay": "-1s"}),
+            json!({"lock_delay": -1}),
+            json!({"lock_delay": 5}),
+            json!({"lock_delay": true}),
+        ] {
+            let map = fields(bad.clone());
+            assert!(
+                matches!(
+                    Fields(&map).lock_delay(Some(crate::Kind::MUTEX)),
+                    Err(ApiError::InvalidLockDelay(_))
+                ),
+                "{bad}"
+            );
+        }
+        let map = fields(json!({"lock_delay": "5s"}));
+        for kind in [
+            Some(crate::Kind::Shared),
+            Some(crate::Kind::Exclusive),
+            None,
+        ] {
+            assert!(matches!(
+                Fields(&map).lock_delay(kind),
+                Err(ApiError::InvalidLockDelay(_))
+            ));
+        }
+        let zero = fields(json!({"lock_delay": "0s"}));
+        assert_eq!(Fields(&zero).lock_delay(None).unwrap(), Duration::ZERO);
+    }
+
+    #[test]
     fn token_rules() {
         let ok = fields(json!({"token": 42}));
         assert_eq!(Fields(&ok).token().unwrap(), 42);
@@ -446,11 +517,15 @@ mod tests {
                 .and_then(|_| fields.ttl(&LIMITS))
                 .and_then(|_| fields.wait(&LIMITS))
                 .and_then(|_| fields.owner())
-                .and_then(|_| fields.kind().map(drop));
+                .and_then(|_| fields.kind())
+                .and_then(|kind| fields.lock_delay(Some(kind)).map(drop));
             if let Err(err) = decoded {
                 prop_assert!(matches!(
                     err,
-                    ApiError::InvalidRequest(_) | ApiError::InvalidTtl(_) | ApiError::InvalidWait(_)
+                    ApiError::InvalidRequest(_)
+                        | ApiError::InvalidTtl(_)
+                        | ApiError::InvalidWait(_)
+                        | ApiError::InvalidLockDelay(_)
                 ), "{err:?}");
             }
             // A token is either a non-negative integer or invalid_request.

@@ -84,6 +84,7 @@ pub async fn acquire_group(
     let fields = Fields(&body);
     let names = fields.names()?;
     let wait = fields.wait(&state.limits)?;
+    fields.lock_delay(None)?;
     crate::admission::be_patient(wait);
     let owner = fields.owner()?;
     let lease = lease_choice(&fields, &state.limits, &tenant, handle)?;

@@ -50,6 +50,12 @@ pub struct AcquireBody {
     /// A read-write lock: `"shared"` (readers hold together) or `"exclusive"` (a writer).
     #[schema(example = "shared")]
     mode: Option<String>,
+    /// Lock-delay (humantime, 0 to 60 s, rounded up to whole seconds; default `"0s"`: none).
+    /// After this hold's lease *expires* (not after a release or a revoke), the lock (for a
+    /// semaphore, one of its slots) is not granted to anyone for this long. Mutexes and
+    /// semaphores only; anything else is `400 invalid_lock_delay`.
+    #[schema(example = "5s")]
+    lock_delay: Option<String>,
 }
 
 /// Body of `renew` and `release` (with the lease's handle in the `Leasehold-Handle` header).
@@ -222,11 +228,11 @@ pub(crate) fn count_acquire<T>(outcome: &Result<T, ServiceError>, started: std::
     request_body = AcquireBody,
     responses(
         (status = 200, description = "Lock granted", body = AcquireResponse),
-        (status = 400, description = "invalid_json, invalid_name, invalid_ttl, invalid_wait or invalid_request", body = ErrorBody),
+        (status = 400, description = "invalid_json, invalid_name, invalid_ttl, invalid_wait, invalid_lock_delay or invalid_request", body = ErrorBody),
         (status = 401, description = "unauthorized", body = ErrorBody),
         (status = 403, description = "forbidden (missing or wrong handle, name outside the tenant's prefix)", body = ErrorBody),
         (status = 404, description = "lease_not_found", body = ErrorBody),
-        (status = 409, description = "lock_held (with `holder`), limit_mismatch or mode_mismatch", body = ErrorBody),
+        (status = 409, description = "lock_held (with `holder`, absent while the lock is in a lock-delay), limit_mismatch or mode_mismatch", body = ErrorBody),
         (status = 413, description = "body_too_large", body = ErrorBody),
         (status = 429, description = "quota_exceeded", body = ErrorBody),
         (status = 503, description = "store_unavailable, overloaded (with Retry-After) or shutting_down", body = ErrorBody),
@@ -241,6 +247,7 @@ pub async fn acquire_lock(
     let fields = Fields(&body);
     let kind = fields.kind()?;
     let wait = fields.wait(&state.limits)?;
+    let lock_delay = fields.lock_delay(Some(kind))?;
     crate::admission::be_patient(wait);
     let owner = fields.owner()?;
     let lease = lease_choice(&fields, &state.limits, &tenant, handle)?;
@@ -254,6 +261,7 @@ pub async fn acquire_lock(
             wait,
             owner,
             value: None,
+            lock_delay,
             tenant,
         })
         .await;
