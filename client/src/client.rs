@@ -371,11 +371,7 @@ impl Client {
             let outcome = async {
                 let response = request.send().await?;
                 let status = response.status().as_u16();
-                let retry_after = response
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(parse_retry_after);
+                let retry_after = retry_after_of(&response);
                 Ok::<_, reqwest::Error>((status, retry_after, response.bytes().await?))
             }
             .await;
@@ -494,11 +490,7 @@ impl Client {
                 }
                 Ok(Ok(response)) => {
                     let status = response.status().as_u16();
-                    let retry_after = response
-                        .headers()
-                        .get(reqwest::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(parse_retry_after);
+                    let retry_after = retry_after_of(&response);
                     let bytes = response.bytes().await.unwrap_or_default();
                     let error = from_response(status, &bytes, retry_after);
                     if !(status == 503 || matches!(error, Error::Overloaded { .. })) {
@@ -529,6 +521,15 @@ impl Client {
         }
         Err(last_error.expect("a client has at least one endpoint"))
     }
+}
+
+/// The pause a response asked for in its `Retry-After` header, if any.
+fn retry_after_of(response: &reqwest::Response) -> Option<Duration> {
+    response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after)
 }
 
 /// A duration rounded to the millisecond, for messages.

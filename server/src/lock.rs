@@ -334,19 +334,33 @@ impl Service {
         Ok((locks.into_values().take(max).collect(), revision))
     }
 
-    /// The current holder of `name`, if any (the caller was authorized for `name`).
+    /// The current holder of `name`, if any (the caller was authorized for `name`): the head of
+    /// its queue, but for a mutex in lock-delay. There, a tombstone of another lease than the
+    /// head's is an orphan (a mutex's only tombstone with a live waiter key is its holder's), so
+    /// the head is a waiter and nobody holds the lock. Head and tombstones are read in one txn.
     pub(crate) async fn current_holder(
         &self,
         name: &LockName,
     ) -> Result<Option<Holder>, ServiceError> {
-        let head = self
-            .store
-            .get(&self.keys.queue_prefix(name), Some(head_options()))
-            .await?;
-        Ok(match head.kvs().first() {
-            Some(kv) => self.holder_of(kv).await,
-            None => None,
-        })
+        let queue = self.keys.queue_prefix(name);
+        let txn = Txn::new().and_then([
+            TxnOp::get(queue.as_str(), Some(head_options())),
+            crate::delay::tombstone_read(&self.keys, name, 2),
+        ]);
+        let resp = self.store.txn(&queue, txn).await?;
+        let gets = txn_gets(&resp);
+        let Some(kv) = gets[0].kvs().first() else {
+            return Ok(None);
+        };
+        let stored: WaiterValue = serde_json::from_slice(kv.value()).unwrap_or_default();
+        let mutex = stored.limit.unwrap_or(1) == 1 && stored.mode.is_none();
+        if let Some(head_lease) = LeaseId::from_etcd(kv.lease())
+            && mutex
+            && !crate::delay::others(&gets[1], head_lease).is_empty()
+        {
+            return Ok(None);
+        }
+        Ok(self.holder_of(kv).await)
     }
 
     /// Describes the holder whose waiter key is `kv`; the owner falls back to its lease's.

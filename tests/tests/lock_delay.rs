@@ -109,6 +109,11 @@ async fn an_expired_holder_leaves_the_lock_delayed() -> Result<()> {
         status == 409 && body["error"]["code"] == "lock_held",
         "a try-lock during the lock-delay answered {status}: {body}"
     );
+    // Nobody holds it: the refusal does not name the first waiter as the holder.
+    ensure!(
+        body.get("holder").is_some_and(Value::is_null),
+        "a try-lock during the lock-delay named a holder: {body}"
+    );
     let (_, lock) = api.get("/v1/locks/m").await?;
     ensure!(
         lock["holder"].is_null() && lock["queue"][0]["holds"] == false,
