@@ -238,7 +238,27 @@ impl EtcdCluster {
         Self::start_with(size, root, None).await
     }
 
+    /// Starts the cluster; when a member exits at start because another process took one of its
+    /// ports between [`free_port`] choosing it and etcd binding it (a busy machine), starts again
+    /// on fresh ports, up to three times.
     async fn start_with(
+        size: usize,
+        root: &Path,
+        tls: Option<(PathBuf, PathBuf, PathBuf, PathBuf, PathBuf)>,
+    ) -> Result<Self> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Self::start_once(size, root, tls.clone()).await {
+                Err(err) if tries < 3 && err.to_string().contains("address already in use") => {
+                    eprintln!("etcd could not bind a port chosen for it; starting again: {err:#}");
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn start_once(
         size: usize,
         root: &Path,
         tls: Option<(PathBuf, PathBuf, PathBuf, PathBuf, PathBuf)>,
@@ -385,13 +405,27 @@ impl EtcdCluster {
     }
 
     /// Waits until a linearizable read succeeds (the cluster has a leader and quorum).
-    pub async fn wait_ready(&self, within: Duration) -> Result<()> {
+    pub async fn wait_ready(&mut self, within: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             if let Ok(mut client) = self.client().await
                 && client.get("/", None).await.is_ok()
             {
                 return Ok(());
+            }
+            // A member that exited will not become ready: say why at once.
+            for m in &mut self.members {
+                if let Some(child) = &mut m.process
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(3).collect();
+                    bail!(
+                        "etcd member {} exited ({status}) before the cluster was ready: {}",
+                        m.name,
+                        tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+                    );
+                }
             }
             if tokio::time::Instant::now() > deadline {
                 bail!(
