@@ -885,8 +885,14 @@ impl Api {
         if let Some(token) = &self.bearer {
             request = request.bearer_auth(token);
         }
-        // A shed request (503 overloaded) did nothing: retry it after a jittered Retry-After, as
-        // every well-behaved client does, for up to half a minute.
+        let (status, answer) = Self::send_through_shedding(request).await?;
+        Self::remember(path, status, &answer);
+        Ok((status, answer))
+    }
+
+    /// Sends `request`; a shed answer (503 overloaded) did nothing, so it is sent again after a
+    /// jittered pause, as every well-behaved client does, for up to half a minute.
+    async fn send_through_shedding(mut request: reqwest::RequestBuilder) -> Result<(u16, Value)> {
         let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
         let mut attempt = 0u32;
         loop {
@@ -903,12 +909,19 @@ impl Api {
                     tokio::time::sleep(Duration::from_millis(jitter)).await;
                     request = again;
                 }
-                _ => {
-                    Self::remember(path, status, &answer);
-                    return Ok((status, answer));
-                }
+                _ => return Ok((status, answer)),
             }
         }
+    }
+
+    /// `POST path` with a JSON body for set-up work (a benchmark's leases): rides out shedding
+    /// as [`Api::post`] does, but sends and remembers no handle.
+    pub async fn post_setup(&self, path: &str, body: Value) -> Result<(u16, Value)> {
+        let mut request = self.http.post(format!("{}{path}", self.base)).json(&body);
+        if let Some(token) = &self.bearer {
+            request = request.bearer_auth(token);
+        }
+        Self::send_through_shedding(request).await
     }
 
     /// `POST path` with a JSON body and an explicit handle (or none), remembering nothing.

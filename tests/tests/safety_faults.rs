@@ -117,6 +117,44 @@ impl Rig {
         self.finish(test, &[]).await
     }
 
+    /// `kill -9` server replica `victim`, then restart it on the same port after `hold`: one
+    /// nemesis fault. Returns its line for the schedule.
+    async fn kill_server_for(&mut self, victim: usize, hold: Duration) -> Result<String> {
+        let fault = self
+            .recorder
+            .server_kill_start(format!("kill -9 server {victim}"));
+        self.servers[victim].kill().await?;
+        sleep(hold).await;
+        self.servers[victim].restart().await?;
+        self.recorder.fault_end(&fault);
+        Ok(format!("server {victim} kill for {hold:.1?}"))
+    }
+
+    /// The end of a nemesis run: once the service grants again, the clients release what they
+    /// hold but keep their session leases alive. Once a server must have confirmed every
+    /// clean-up it still owed (the checker's bound, counted from the last fault's end), any
+    /// holder left is a key no client was told of under a live lease: an observer reads every
+    /// lock, and the checker must explain each holder it sees (rule 7). Returns what it saw.
+    async fn quiesce_and_observe(
+        &self,
+        run: &Workload,
+    ) -> Result<Vec<(String, u64, Option<String>)>> {
+        wait_for_grant(&self.recorder, self.recorder.now(), Duration::from_secs(20)).await?;
+        run.quiesce();
+        let limits = Limits::default();
+        let last_heal = self
+            .recorder
+            .events()
+            .iter()
+            .filter(|e| matches!(e.kind, Kind::FaultEnd { .. }))
+            .map(|e| e.at)
+            .max()
+            .unwrap_or_default();
+        let look_at = last_heal + limits.clean_up_within + limits.slack;
+        sleep(look_at.saturating_sub(self.recorder.now())).await;
+        observe_holders(&urls(&self.servers), &self.config.locks, &self.recorder).await
+    }
+
     /// After the clients stopped: no phantom holder on any lock (a lease orphaned by a killed
     /// request may hold for one more TTL), then the checker, cross-checked against the
     /// ledger's own count of rejected writes. Prints the figures line.
@@ -684,14 +722,7 @@ async fn randomized_nemesis() -> Result<()> {
         let what = match choice {
             0 => {
                 let victim = rng.below(rig.servers.len());
-                let fault = rig
-                    .recorder
-                    .server_kill_start(format!("kill -9 server {victim}"));
-                rig.servers[victim].kill().await?;
-                sleep(hold).await;
-                rig.servers[victim].restart().await?;
-                rig.recorder.fault_end(&fault);
-                format!("server {victim} kill for {hold:.1?}")
+                rig.kill_server_for(victim, hold).await?
             }
             1 | 2 => {
                 let victim = if choice == 1 {
@@ -799,24 +830,7 @@ async fn randomized_nemesis() -> Result<()> {
         schedule.push(format!("  {:>6.1}s {what}", at.as_secs_f64()));
         sleep(rng.between(Duration::from_millis(300), Duration::from_millis(1500))).await;
     }
-    wait_for_grant(&rig.recorder, rig.recorder.now(), Duration::from_secs(20)).await?;
-    // The clients release what they hold but keep their session leases alive. Once a server must
-    // have confirmed every clean-up it still owed (the checker's bound, counted from the last
-    // fault's end), any holder left is a key no client was told of under a live lease: an
-    // observer reads every lock, and the checker must explain each holder it sees (rule 7).
-    run.quiesce();
-    let limits = Limits::default();
-    let last_heal = rig
-        .recorder
-        .events()
-        .iter()
-        .filter(|e| matches!(e.kind, Kind::FaultEnd { .. }))
-        .map(|e| e.at)
-        .max()
-        .unwrap_or_default();
-    let look_at = last_heal + limits.clean_up_within + limits.slack;
-    sleep(look_at.saturating_sub(rig.recorder.now())).await;
-    let left = observe_holders(&urls(&rig.servers), &rig.config.locks, &rig.recorder).await?;
+    let left = rig.quiesce_and_observe(&run).await?;
     run.stop().await?;
     println!("randomized_nemesis schedule:\n{}", schedule.join("\n"));
     println!("randomized_nemesis: holders with every client quiet, sessions open: {left:?}");
@@ -854,14 +868,7 @@ async fn semaphore_nemesis() -> Result<()> {
         let what = match rng.below(4) {
             0 => {
                 let victim = rng.below(rig.servers.len());
-                let fault = rig
-                    .recorder
-                    .server_kill_start(format!("kill -9 server {victim}"));
-                rig.servers[victim].kill().await?;
-                sleep(hold).await;
-                rig.servers[victim].restart().await?;
-                rig.recorder.fault_end(&fault);
-                format!("server {victim} kill for {hold:.1?}")
+                rig.kill_server_for(victim, hold).await?
             }
             1 => {
                 let victim = rig.etcd.leader().await?;
@@ -911,20 +918,7 @@ async fn semaphore_nemesis() -> Result<()> {
         schedule.push(format!("  {:>6.1}s {what}", at.as_secs_f64()));
         sleep(rng.between(Duration::from_millis(300), Duration::from_millis(1000))).await;
     }
-    wait_for_grant(&rig.recorder, rig.recorder.now(), Duration::from_secs(20)).await?;
-    run.quiesce();
-    let limits = Limits::default();
-    let last_heal = rig
-        .recorder
-        .events()
-        .iter()
-        .filter(|e| matches!(e.kind, Kind::FaultEnd { .. }))
-        .map(|e| e.at)
-        .max()
-        .unwrap_or_default();
-    let look_at = last_heal + limits.clean_up_within + limits.slack;
-    sleep(look_at.saturating_sub(rig.recorder.now())).await;
-    let left = observe_holders(&urls(&rig.servers), &rig.config.locks, &rig.recorder).await?;
+    let left = rig.quiesce_and_observe(&run).await?;
     run.stop().await?;
     println!("semaphore_nemesis schedule:\n{}", schedule.join("\n"));
     println!("semaphore_nemesis: holders with every client quiet, sessions open: {left:?}");

@@ -92,6 +92,9 @@ async fn bad_inputs_are_rejected_without_touching_etcd() -> Result<()> {
 
     let long_name = "n".repeat(257);
     let big = format!("{{\"ttl\":\"10s\",\"owner\":\"{}\"}}", "x".repeat(1 << 20));
+    // Above the 1 KiB bound on owners and candidates' values, well under the body limit.
+    let long_owner = format!("{{\"ttl\":\"10s\",\"owner\":\"{}\"}}", "x".repeat(1025));
+    let long_value = format!("{{\"ttl\":\"10s\",\"value\":\"{}\"}}", "x".repeat(1025));
     enum Req {
         Post(String, String),
         /// With the holder's handle in `Leasehold-Handle`.
@@ -125,6 +128,17 @@ async fn bad_inputs_are_rejected_without_touching_etcd() -> Result<()> {
         (acquire(r#"{"ttl": "10s", "wait": 5}"#), 400, "invalid_wait"),
         (
             acquire(r#"{"ttl": "10s", "owner": 5}"#),
+            400,
+            "invalid_request",
+        ),
+        (acquire(&long_owner), 400, "invalid_request"),
+        (
+            p("/v1/elections/e/campaign", &long_value),
+            400,
+            "invalid_request",
+        ),
+        (
+            p("/v1/elections/e/campaign", r#"{"ttl": "10s", "value": 5}"#),
             400,
             "invalid_request",
         ),

@@ -115,16 +115,7 @@ pub async fn campaign(
     JsonObject(body): JsonObject,
 ) -> Result<Json<CampaignResponse>, ApiError> {
     let fields = Fields(&body);
-    let value = fields.string("value", ApiError::InvalidRequest)?;
-    if value
-        .as_ref()
-        .is_some_and(|v| v.len() > super::extract::MAX_OWNER_BYTES)
-    {
-        return Err(ApiError::InvalidRequest(format!(
-            "`value` is longer than {} bytes",
-            super::extract::MAX_OWNER_BYTES
-        )));
-    }
+    let value = fields.short_text("value")?;
     let wait = fields.wait(&state.limits)?;
     fields.lock_delay(None)?;
     crate::admission::be_patient(wait);

@@ -181,13 +181,18 @@ impl Fields<'_> {
 
     /// `owner`: optional text of bounded size.
     pub fn owner(&self) -> Result<Option<String>, ApiError> {
-        let owner = self.string("owner", ApiError::InvalidRequest)?;
-        if owner.as_ref().is_some_and(|o| o.len() > MAX_OWNER_BYTES) {
+        self.short_text("owner")
+    }
+
+    /// `field`: optional text of at most [`MAX_OWNER_BYTES`] (an owner, a candidate's value).
+    pub fn short_text(&self, field: &str) -> Result<Option<String>, ApiError> {
+        let text = self.string(field, ApiError::InvalidRequest)?;
+        if text.as_ref().is_some_and(|t| t.len() > MAX_OWNER_BYTES) {
             return Err(ApiError::InvalidRequest(format!(
-                "`owner` is longer than {MAX_OWNER_BYTES} bytes"
+                "`{field}` is longer than {MAX_OWNER_BYTES} bytes"
             )));
         }
-        Ok(owner)
+        Ok(text)
     }
 
     /// `ttl`: a humantime duration (`"10s"`, `"1m30s"`), above zero, at most `limits.max_ttl`.

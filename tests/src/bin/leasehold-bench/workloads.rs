@@ -83,25 +83,13 @@ pub async fn leasehold_leases(api: &Api, n: usize, ttl: &str) -> Result<Vec<Leas
             let ttl = ttl.to_owned();
             async move {
                 // Set-up is not measured: a grant the server sheds (`503 overloaded`, on a busy
-                // machine) is asked again after a jittered pause, as a well-behaved client does.
-                let mut shed = 0;
-                let (status, body) = loop {
-                    let (status, body) = api
-                        .post_with_handle(
-                            "/v1/leases",
-                            json!({"ttl": ttl, "owner": format!("bench-{i}")}),
-                            None,
-                        )
-                        .await?;
-                    if status == 503 && body["error"]["code"] == "overloaded" && shed < 20 {
-                        shed += 1;
-                        // Spread over 0.5-1.5 s by lease and try, so the shed do not return together.
-                        let pause = 500 + (i * 7919 + shed * 104_729) % 1000;
-                        tokio::time::sleep(Duration::from_millis(pause as u64)).await;
-                        continue;
-                    }
-                    break (status, body);
-                };
+                // machine) is asked again, as a well-behaved client does.
+                let (status, body) = api
+                    .post_setup(
+                        "/v1/leases",
+                        json!({"ttl": ttl, "owner": format!("bench-{i}")}),
+                    )
+                    .await?;
                 anyhow::ensure!(status == 201, "lease grant: {status} {body}");
                 Ok(LeaseholdLease {
                     id: body["lease_id"].as_str().context("lease_id")?.to_owned(),
