@@ -48,6 +48,9 @@ check_cc_links() {
 # reqwest (rustls with the platform verifier) loads the system's CA store when a client is built,
 # even for plain-http endpoints, and fails with "builder error" if it finds no certificate at all.
 check_ca_certificates() { grep -q 'BEGIN CERTIFICATE' "${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}" 2>/dev/null; }
+# jemalloc (tikv-jemalloc-sys, the server's allocator) is built by its own configure script and
+# `make`, which gcc does not pull in.
+check_make() { make --version >/dev/null 2>&1; }
 check_etcd() { "${LEASEHOLD_ETCD_BIN:-etcd}" --version >/dev/null 2>&1; }
 check_etcdctl() { ETCDCTL_API=3 etcdctl version >/dev/null 2>&1; }
 check_promtool() { promtool --version >/dev/null 2>&1; }
@@ -69,6 +72,7 @@ check_npm() { npm --version >/dev/null 2>&1; }
 REQUIREMENTS=(
   "gcc:check_cc"
   "libc6-dev:check_cc_links"
+  "make:check_make"
   "ca-certificates:check_ca_certificates"
   "protobuf-compiler:check_protoc"
   "libprotobuf-dev:check_protoc_compiles"
