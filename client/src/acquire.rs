@@ -7,6 +7,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use reqwest::Method;
@@ -249,6 +250,7 @@ pub(crate) async fn acquire(
         owner: options.owner.as_deref(),
         wait: options.wait,
         path: target.acquire_path(),
+        maybe_acted: AtomicBool::new(false),
     };
     let report = async {
         match (positions, &target) {
@@ -264,13 +266,17 @@ pub(crate) async fn acquire(
         reason = lease_watch.lost() => Err(Error::LeaseLost(reason)),
         never = report => match never {},
     };
+    let maybe_acted = asking.maybe_acted.load(Ordering::Relaxed);
     drop(asking);
     let acquired = match result {
         Ok(acquired) => acquired,
         Err(err) => {
             // An answer from the server means it left nothing of ours in the queue; without
-            // one (timeouts, 503s), it may have granted: the pending acquire cleans up.
-            if !(err.is_retryable() || matches!(err, Error::Unexpected { .. })) {
+            // one (timeouts, 503s), it may have granted: the pending acquire cleans up. Shed
+            // every time it was sent, it reached etcd nowhere: nothing to clean up (a stampede
+            // of shed acquires must not turn into a stampede of status reads).
+            let shed_everywhere = matches!(err, Error::Overloaded { .. }) && !maybe_acted;
+            if shed_everywhere || !(err.is_retryable() || matches!(err, Error::Unexpected { .. })) {
                 pending.clean_up = None;
             }
             drop(pending);
@@ -374,6 +380,8 @@ struct Asking<'r> {
     /// `None`: wait as long as it takes.
     wait: Option<Duration>,
     path: String,
+    /// Whether any attempt may have acted on a server (see [`Client::call_noting`]).
+    maybe_acted: AtomicBool,
 }
 
 impl Asking<'_> {
@@ -452,19 +460,26 @@ impl Asking<'_> {
         until: Instant,
     ) -> Result<Acquired, Error> {
         self.client
-            .call(Method::POST, &self.path, Some(handle), None, || {
-                let remaining = until.saturating_duration_since(Instant::now());
-                let mut body = json!({
-                    "lease_id": lease_id,
-                    "wait": humantime_ms(remaining),
-                });
-                if let Some(owner) = self.owner {
-                    body["owner"] = owner.into();
-                }
-                self.target.add_fields(&mut body);
-                // The attempt may take the whole wait before the server answers.
-                (Some(body), remaining)
-            })
+            .call_noting(
+                Method::POST,
+                &self.path,
+                Some(handle),
+                None,
+                || {
+                    let remaining = until.saturating_duration_since(Instant::now());
+                    let mut body = json!({
+                        "lease_id": lease_id,
+                        "wait": humantime_ms(remaining),
+                    });
+                    if let Some(owner) = self.owner {
+                        body["owner"] = owner.into();
+                    }
+                    self.target.add_fields(&mut body);
+                    // The attempt may take the whole wait before the server answers.
+                    (Some(body), remaining)
+                },
+                Some(&self.maybe_acted),
+            )
             .await
     }
 }

@@ -1,7 +1,7 @@
 //! The client: endpoints, timeouts, retries and fail-over, over one pooled HTTP/1.1 client.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use reqwest::Method;
@@ -279,8 +279,25 @@ impl Client {
         deadline: Option<Instant>,
         attempt: impl Fn() -> (Option<Value>, Duration),
     ) -> Result<T, Error> {
+        self.call_noting(method, path, handle, deadline, attempt, None)
+            .await
+    }
+
+    /// [`Client::call`], also noting in `maybe_acted` (when given) whether any attempt may have
+    /// acted on a server: one that timed out or lost its connection after sending, or was
+    /// answered with an error other than shedding. An attempt shed (`overloaded`) or refused its
+    /// connection did nothing.
+    pub(crate) async fn call_noting<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        handle: Option<&Handle>,
+        deadline: Option<Instant>,
+        attempt: impl Fn() -> (Option<Value>, Duration),
+        maybe_acted: Option<&AtomicBool>,
+    ) -> Result<T, Error> {
         let bytes = self
-            .call_raw(method, path, handle, deadline, attempt)
+            .call_raw(method, path, handle, deadline, attempt, maybe_acted)
             .await?;
         let bytes = if bytes.is_empty() {
             &b"null"[..]
@@ -301,7 +318,13 @@ impl Client {
         handle: Option<&Handle>,
         deadline: Option<Instant>,
         attempt: impl Fn() -> (Option<Value>, Duration),
+        maybe_acted: Option<&AtomicBool>,
     ) -> Result<Vec<u8>, Error> {
+        let note_acted = || {
+            if let Some(flag) = maybe_acted {
+                flag.store(true, Ordering::Relaxed);
+            }
+        };
         let inner = &self.inner;
         let n = inner.endpoints.len();
         let attempts = (inner.retry.max_attempts as usize).max(n);
@@ -389,6 +412,9 @@ impl Client {
                 }
                 Ok((status, retry_after, bytes)) => {
                     let error = from_response(status, &bytes, retry_after);
+                    if !matches!(error, Error::Overloaded { .. }) {
+                        note_acted();
+                    }
                     if !(status == 503 || matches!(error, Error::Overloaded { .. })) {
                         inner.preferred.store(index, Ordering::Relaxed);
                         return Err(error);
@@ -406,6 +432,9 @@ impl Client {
                 // server fences releases against later re-acquires.
                 Err(err) => {
                     never_sent = err.is_connect();
+                    if !never_sent {
+                        note_acted();
+                    }
                     if never_sent {
                         // Nothing listens there (a killed replica): the next attempts go to the
                         // others, even to one that asked for a pause, rather than back to a port

@@ -7,14 +7,23 @@
 //! the call's class:
 //!
 //! - the first etcd call of a new request that *adds* work (an acquire, a lease grant)
-//!   ([`Class::NewRequest`]) waits at most [`QUEUE_TIMEOUT`]; past it, or when the queue is
-//!   already as long as the limit, the request is shed: nothing was sent to etcd, so the answer
-//!   `503 overloaded` is exact;
+//!   ([`Class::NewRequest`]) waits at most [`QUEUE_TIMEOUT`] (an acquire that asked to wait in
+//!   line: up to its wait, [`be_patient`]); past it, or at once when the calls queued ahead
+//!   would take longer than that to get their slots at etcd's recent latency, the request is
+//!   shed: nothing was sent to etcd, so the answer `503 overloaded` is exact;
 //! - requests that *finish* work (release, renew, keep-alive, revoke) are never shed: shedding a
 //!   release would keep a lock held for a whole TTL and turn away everyone waiting for it;
 //! - every later call of an admitted request, and background work (clean-ups, keep-alives, the
 //!   watch) ([`Class::Admitted`]) waits for its turn: it must not fail halfway through an
 //!   operation that already wrote to etcd.
+//!
+//! New sessions wait for everything else. A request that opens a lease (a lease grant, an
+//! acquire with `ttl`) ([`Class::NewSession`]) gets a slot only when no other call is queued:
+//! in a stampede, each session let in adds its own locks, keep-alives and revoke to etcd's work
+//! and slows every buyer already halfway through a purchase, so the work of sessions already
+//! open goes first, and new ones are let in as fast as that work leaves room (session-based
+//! admission control, as commercial web sites use at peak load). A new session that cannot get
+//! in within its queue timeout is shed, before it cost etcd anything.
 //!
 //! A parked waiter holds no permit: it takes one only for each read it makes when woken.
 //!
@@ -34,7 +43,7 @@ use tokio::time::Instant;
 use crate::metrics;
 
 /// How long a new request may queue for its first etcd call before it is shed.
-pub const QUEUE_TIMEOUT: Duration = Duration::from_millis(100);
+pub const QUEUE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// What a shed request is told to wait before retrying, in whole seconds (`Retry-After`).
 pub const RETRY_AFTER_SECS: u64 = 1;
@@ -44,17 +53,34 @@ const MIN_LIMIT: f64 = 16.0;
 const MAX_LIMIT: f64 = 1024.0;
 const INITIAL_LIMIT: f64 = 64.0;
 
-/// Latency above `TOLERANCE` × baseline counts as etcd queueing.
+/// Latency above `TOLERANCE` × baseline counts as etcd queueing, once it is above
+/// `QUEUEING_FLOOR` too: etcd needs calls in flight to fill its raft batches (at 128 calls in
+/// flight it commits more than at 16, each call then taking tens of milliseconds), so a few tens
+/// of milliseconds queued inside etcd buy throughput; beyond that, calls wait better here, where
+/// finishing work goes first and new work can be shed.
 const TOLERANCE: f64 = 2.0;
+const QUEUEING_FLOOR: f64 = 0.1;
 
-/// How fast the short and long latency averages move (per sample).
+/// How fast the short-term latency average moves (per sample).
 const SHORT_WEIGHT: f64 = 0.1;
-const LONG_WEIGHT: f64 = 0.002;
+
+/// The baseline is the lowest short-term average over the last one or two windows of this
+/// length: what etcd answers in when nothing queues in it. (A slow average of every sample is
+/// no baseline: at thousands of calls a second it follows a sustained overload up within a
+/// second or two, the limit grows with it, and etcd's own queue fills.)
+const BASELINE_WINDOW: Duration = Duration::from_secs(10);
+
+/// The most calls that may queue, whatever the estimate of their wait (a bound on memory).
+const MAX_QUEUE: usize = 4 * MAX_LIMIT as usize;
 
 /// Which queueing rule applies to a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
-    /// The first etcd call of a new request: shed if it would queue too long.
+    /// The first etcd call of a new request that opens a lease: served only when no other call
+    /// waits, shed if it would queue too long.
+    NewSession,
+    /// The first etcd call of a new request under an existing lease: shed if it would queue too
+    /// long.
     NewRequest,
     /// Anything else: queue until served.
     Admitted,
@@ -75,6 +101,8 @@ struct RequestState {
     first_call_pending: bool,
     /// How long that first call may queue.
     patience: Duration,
+    /// The request opens a lease (a new session).
+    opens_session: bool,
 }
 
 tokio::task_local! {
@@ -88,6 +116,7 @@ pub async fn request_scope<F: Future>(sheddable: bool, request: F) -> F::Output 
     let state = RequestState {
         first_call_pending: sheddable,
         patience: QUEUE_TIMEOUT,
+        opens_session: false,
     };
     REQUEST.scope(std::cell::Cell::new(state), request).await
 }
@@ -103,12 +132,24 @@ pub fn be_patient(wait: Duration) {
     });
 }
 
+/// The current request opens a lease (a lease grant, an acquire with `ttl`): its first etcd
+/// call waits until no other call is queued.
+pub fn opens_session() {
+    let _ = REQUEST.try_with(|state| {
+        let mut now = state.get();
+        now.opens_session = true;
+        state.set(now);
+    });
+}
+
 /// The class of the etcd call about to be made by the current task, and its patience.
 fn current_class() -> (Class, Duration) {
     REQUEST
         .try_with(|state| {
             let state = state.get();
-            if state.first_call_pending {
+            if state.first_call_pending && state.opens_session {
+                (Class::NewSession, state.patience)
+            } else if state.first_call_pending {
                 (Class::NewRequest, state.patience)
             } else {
                 (Class::Admitted, Duration::ZERO)
@@ -137,8 +178,14 @@ struct State {
     in_flight: usize,
     /// Waiting calls, oldest first; a sender is dropped when its waiter gave up.
     queue: VecDeque<oneshot::Sender<()>>,
+    /// Waiting new sessions, oldest first: served only when `queue` is empty.
+    sessions: VecDeque<oneshot::Sender<()>>,
+    /// Short-term average latency of etcd calls, in seconds (0 before the first).
     short_rtt: f64,
-    long_rtt: f64,
+    /// The lowest `short_rtt` of the current baseline window, and of the one before.
+    window_min: f64,
+    previous_min: f64,
+    window_started: Instant,
 }
 
 /// An admitted call; dropping it frees the slot (and wakes the next waiter).
@@ -154,8 +201,11 @@ impl Default for Admission {
                 limit: INITIAL_LIMIT,
                 in_flight: 0,
                 queue: VecDeque::new(),
+                sessions: VecDeque::new(),
                 short_rtt: 0.0,
-                long_rtt: 0.0,
+                window_min: f64::INFINITY,
+                previous_min: f64::INFINITY,
+                window_started: Instant::now(),
             })),
         }
     }
@@ -171,31 +221,36 @@ impl Admission {
         let (class, patience) = current_class();
         let waiting = {
             let mut state = self.state();
-            if state.in_flight < state.limit as usize && state.queue.is_empty() {
+            let free = state.in_flight < state.limit as usize;
+            // Calls a new arrival of this class would queue behind.
+            let ahead = match class {
+                Class::NewSession => state.queue.len() + state.sessions.len(),
+                Class::NewRequest | Class::Admitted => state.queue.len(),
+            };
+            if free && ahead == 0 {
                 state.in_flight += 1;
                 None
-            } else if class == Class::NewRequest
-                && patience <= QUEUE_TIMEOUT
-                && state.queue.len() >= state.limit as usize
+            } else if class != Class::Admitted
+                && (ahead >= MAX_QUEUE || state.drain_time(ahead) > patience)
             {
-                // The queue alone would take longer to drain than a new request may wait.
+                // The queue ahead would take longer to drain than the request may wait.
                 drop(state);
                 metrics::shed();
                 return Err(Shed);
             } else {
                 let (tx, rx) = oneshot::channel();
-                state.queue.push_back(tx);
-                metrics::admission(state.limit, state.queue.len());
+                match class {
+                    Class::NewSession => state.sessions.push_back(tx),
+                    Class::NewRequest | Class::Admitted => state.queue.push_back(tx),
+                }
+                metrics::admission(state.limit, state.queue.len() + state.sessions.len());
                 Some(rx)
             }
         };
         if let Some(mut turn) = waiting {
             match class {
-                Class::NewRequest => {
-                    if tokio::time::timeout(QUEUE_TIMEOUT, &mut turn)
-                        .await
-                        .is_err()
-                    {
+                Class::NewSession | Class::NewRequest => {
+                    if tokio::time::timeout(patience, &mut turn).await.is_err() {
                         turn.close();
                         // A slot handed over just as we gave up is ours: give it back.
                         if turn.try_recv().is_ok() {
@@ -217,12 +272,18 @@ impl Admission {
         })
     }
 
-    /// Frees a slot: hands it to the oldest live waiter, or returns it.
+    /// Frees a slot: hands it to the oldest live waiter, else to the oldest waiting new session,
+    /// or returns it.
     fn release(&self) {
         let mut state = self.state();
         while let Some(next) = state.queue.pop_front() {
             if next.send(()).is_ok() {
                 return; // the slot passes on; in_flight is unchanged
+            }
+        }
+        while let Some(next) = state.sessions.pop_front() {
+            if next.send(()).is_ok() {
+                return;
             }
         }
         state.in_flight = state.in_flight.saturating_sub(1);
@@ -235,30 +296,47 @@ impl Admission {
         if pushed_back {
             state.limit = (state.limit / 2.0).max(MIN_LIMIT);
         } else {
-            if state.long_rtt == 0.0 {
-                (state.short_rtt, state.long_rtt) = (rtt, rtt);
+            if state.short_rtt == 0.0 {
+                state.short_rtt = rtt;
             }
             state.short_rtt += SHORT_WEIGHT * (rtt - state.short_rtt);
-            state.long_rtt += LONG_WEIGHT * (rtt - state.long_rtt);
-            // A baseline far above what etcd does now is stale (the load dropped): follow it down.
-            if state.long_rtt > 2.0 * state.short_rtt {
-                state.long_rtt = 0.95 * state.long_rtt + 0.05 * state.short_rtt;
+            let now = Instant::now();
+            if now.duration_since(state.window_started) >= BASELINE_WINDOW {
+                (state.previous_min, state.window_min) = (state.window_min, state.short_rtt);
+                state.window_started = now;
+            } else {
+                state.window_min = state.window_min.min(state.short_rtt);
             }
-            let gradient = (TOLERANCE * state.long_rtt / state.short_rtt).clamp(0.5, 1.0);
+            let baseline = state.window_min.min(state.previous_min);
+            let tolerated = (TOLERANCE * baseline).max(QUEUEING_FLOOR);
+            let gradient = (tolerated / state.short_rtt).clamp(0.5, 1.0);
             // Grow only while the limit is actually used: an idle server learns nothing.
-            let used = state.in_flight as f64 >= state.limit / 2.0 || !state.queue.is_empty();
+            let used = state.in_flight as f64 >= state.limit / 2.0
+                || !state.queue.is_empty()
+                || !state.sessions.is_empty();
             let headroom = if used { state.limit.sqrt() } else { 0.0 };
             let target = state.limit * gradient + headroom;
             state.limit = (0.8 * state.limit + 0.2 * target).clamp(MIN_LIMIT, MAX_LIMIT);
         }
-        metrics::admission(state.limit, state.queue.len());
+        metrics::admission(state.limit, state.queue.len() + state.sessions.len());
     }
 
     /// The current limit (rounded down) and queue length.
     #[cfg(test)]
     fn snapshot(&self) -> (usize, usize) {
         let state = self.state();
-        (state.limit as usize, state.queue.len())
+        (
+            state.limit as usize,
+            state.queue.len() + state.sessions.len(),
+        )
+    }
+}
+
+impl State {
+    /// About how long `ahead` queued calls take to get their slots: the limit's worth of calls
+    /// completes every `short_rtt`.
+    fn drain_time(&self, ahead: usize) -> Duration {
+        Duration::from_secs_f64(ahead as f64 * self.short_rtt / self.limit.max(1.0))
     }
 }
 
@@ -302,12 +380,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_request_is_shed_at_once_when_the_queue_is_as_long_as_the_limit() {
+    async fn a_request_is_shed_at_once_when_the_queue_would_outlast_its_patience() {
         let admission = Admission::default();
+        // etcd answers in 20 ms: the limit's worth of queued calls takes 20 ms to drain.
+        for _ in 0..50 {
+            admission.observe(Duration::from_millis(20), false);
+        }
         let limit = admission.snapshot().0;
         let _held = futures_held(&admission, limit).await;
+        // Thirty limits' worth queued: 600 ms ahead, more than a new request's 500 ms.
         let mut queued = Vec::new();
-        for _ in 0..limit {
+        for _ in 0..30 * limit {
             let admission = admission.clone();
             queued.push(tokio::spawn(
                 async move { admission.admit().await.map(drop) },
@@ -339,7 +422,7 @@ mod tests {
             "grows while latency is steady and the limit used: {steady}"
         );
         for _ in 0..50 {
-            admission.observe(Duration::from_millis(40), false);
+            admission.observe(Duration::from_millis(400), false);
         }
         let slowed = admission.snapshot().0;
         assert!(
@@ -352,6 +435,28 @@ mod tests {
             admission.observe(Duration::from_secs(5), true);
         }
         assert_eq!(admission.snapshot().0, MIN_LIMIT as usize);
+    }
+
+    /// A sustained overload does not become the baseline: however many slow answers come in,
+    /// the limit stays down until etcd answers fast again.
+    #[test]
+    fn a_sustained_slowdown_keeps_the_limit_down() {
+        let admission = Admission::default();
+        admission.state().in_flight = 1024; // in use
+        for _ in 0..200 {
+            admission.observe(Duration::from_millis(2), false);
+        }
+        for _ in 0..20_000 {
+            admission.observe(Duration::from_millis(400), false);
+        }
+        assert_eq!(admission.snapshot().0, MIN_LIMIT as usize);
+        for _ in 0..200 {
+            admission.observe(Duration::from_millis(2), false);
+        }
+        assert!(
+            admission.snapshot().0 > 2 * MIN_LIMIT as usize,
+            "grows again once etcd is fast"
+        );
     }
 
     async fn futures_held(admission: &Admission, n: usize) -> Vec<Permit> {

@@ -405,9 +405,10 @@ impl Service {
             .await
         {
             Ok(enqueued) => enqueued,
-            // Shed, or refused by etcd unapplied: no enqueue of ours exists or can land. Only a
-            // lease granted for this request is left to revoke.
-            Err(err @ ServiceError::Overloaded(_)) => {
+            // Shed, refused by etcd unapplied, or a try refused by a txn that wrote nothing: no
+            // enqueue of ours exists or can land. Only a lease granted for this request is left
+            // to revoke.
+            Err(err @ (ServiceError::Overloaded(_) | ServiceError::LockHeld { .. })) => {
                 abandon.enqueue_confirmed = true;
                 if abandon.own_lease {
                     abandon.now().await;
@@ -690,6 +691,13 @@ impl Service {
             .with_limit(2);
         let count_queue = tenant.quotas.max_waiters_per_lock.is_some();
         let mut fence = self.store.known_revision();
+        // A mutex try (no wait) enqueues only into an empty queue: a lock someone holds or waits
+        // for refuses it from the txn's reads, writing nothing. (Putting a key and deleting it
+        // again, as etcd's `TryLock` does, costs two writes per refusal, and tries that overlap
+        // refuse each other for as long as they keep coming: each sees the other's key ahead.)
+        // Our own key already in the queue (an acquire resumed under the same lease) is the
+        // exception: that path takes it over as before.
+        let mut only_if_free = read_head;
         for _ in 0..FENCE_RETRIES {
             let mut ops = Vec::new();
             let mut compares = match &lease.new {
@@ -764,12 +772,51 @@ impl Service {
                 ));
             }
             let target = &seats[0].waiter_key;
-            let txn = Txn::new().when(compares).and_then(ops).or_else([
+            let mut otherwise = vec![
                 TxnOp::get(auth_key.as_str(), None),
                 TxnOp::get(target.as_str(), None),
-            ]);
+            ];
+            if only_if_free {
+                let queue = self.keys.queue_prefix(&seats[0].name);
+                // True only while no key at all is in the queue (etcd compares every key of a
+                // range; an empty range compares as a key never created).
+                compares.push(
+                    Compare::create_revision(queue.as_str(), CompareOp::Equal, 0).with_prefix(),
+                );
+                otherwise.push(TxnOp::get(queue.as_str(), Some(head_options())));
+                otherwise.push(delay::tombstone_read(
+                    &self.keys,
+                    &seats[0].name,
+                    kind.tombstone_limit(),
+                ));
+            }
+            let txn = Txn::new().when(compares).and_then(ops).or_else(otherwise);
             let resp = self.store.txn(target, txn).await?;
             let gets = txn_gets(&resp);
+            if !resp.succeeded() && only_if_free {
+                let new_lease_had_keys = lease.new.is_some() && !gets[0].kvs().is_empty();
+                if !new_lease_had_keys && lease.new.is_none() {
+                    if let Some(problem) = self.auth_problem(&gets[0], &lease.auth) {
+                        return Err(problem);
+                    }
+                }
+                if !gets[1].kvs().is_empty() {
+                    // Our own key is queued: take it over on the usual path.
+                    only_if_free = false;
+                    continue;
+                }
+                if let (false, Some(head)) = (new_lease_had_keys, gets[2].kvs().first()) {
+                    // Refused, and nothing was written. With tombstones about, the head may
+                    // be nobody's hold (a lock in lock-delay): read who holds, if anyone.
+                    let holder = if gets[3].kvs().is_empty() {
+                        self.holder_of(head).await
+                    } else {
+                        self.first_holder(std::slice::from_ref(&seats[0].name))
+                            .await?
+                    };
+                    return Err(ServiceError::LockHeld { holder });
+                }
+            }
             if !resp.succeeded() {
                 if lease.new.is_some() {
                     return Err(ServiceError::Unavailable(

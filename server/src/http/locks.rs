@@ -200,7 +200,11 @@ pub(crate) fn lease_choice(
                 .map_err(|()| ApiError::LeaseNotFound)?;
             Ok(LeaseChoice::Existing(handle.require_for(tenant, id)?))
         }
-        (None, Some(ttl)) => Ok(LeaseChoice::New { ttl }),
+        (None, Some(ttl)) => {
+            // A lease of its own: a new session, let in after the work of open ones.
+            crate::admission::opens_session();
+            Ok(LeaseChoice::New { ttl })
+        }
         (Some(_), Some(_)) => Err(ApiError::InvalidRequest(
             "give either `lease_id` or `ttl`, not both".into(),
         )),
