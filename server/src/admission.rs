@@ -437,6 +437,38 @@ mod tests {
         assert_eq!(admission.snapshot().0, MIN_LIMIT as usize);
     }
 
+    /// A freed slot goes to queued work of open sessions before a new session that queued
+    /// earlier; the new session gets the next one.
+    #[tokio::test]
+    async fn new_sessions_wait_for_the_work_of_open_ones() {
+        let admission = Admission::default();
+        let limit = admission.snapshot().0;
+        let mut held = futures_held(&admission, limit).await;
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let queue = |label: &'static str, opens: bool| {
+            let (admission, served) = (admission.clone(), served.clone());
+            tokio::spawn(request_scope(true, async move {
+                if opens {
+                    opens_session();
+                }
+                let permit = admission.admit().await?;
+                served.lock().unwrap().push(label);
+                Ok::<_, Shed>(permit)
+            }))
+        };
+        let session = queue("new session", true);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let acquire = queue("acquire", false);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(admission.snapshot().1, 2, "both queued");
+        drop(held.pop());
+        let _acquire = acquire.await.unwrap().expect("served");
+        assert_eq!(*served.lock().unwrap(), ["acquire"]);
+        drop(held.pop());
+        let _session = session.await.unwrap().expect("served next");
+        assert_eq!(*served.lock().unwrap(), ["acquire", "new session"]);
+    }
+
     /// A sustained overload does not become the baseline: however many slow answers come in,
     /// the limit stays down until etcd answers fast again.
     #[test]

@@ -18,11 +18,14 @@ type Answer = Arc<dyn Fn(usize) -> (u16, Option<&'static str>, &'static str) + S
 const OVERLOADED: &str = r#"{"error":{"code":"overloaded","message":"shedding load"}}"#;
 const UNAVAILABLE: &str = r#"{"error":{"code":"store_unavailable","message":"etcd down"}}"#;
 const STATUS: &str = r#"{"name":"x","holder":null,"waiters":0}"#;
+const GRANTED: &str = r#"{"lease_id":"1a2b","ttl_ms":30000}"#;
 
 /// A one-route HTTP/1.1 server that records when each request came.
 struct Stub {
     url: String,
     arrivals: Arc<Mutex<Vec<Instant>>>,
+    /// Each request's method and path ("post /v1/leases"), lowercased.
+    requests: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -31,19 +34,30 @@ impl Stub {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let requests = Arc::new(Mutex::new(Vec::new()));
         let task = tokio::spawn({
-            let arrivals = arrivals.clone();
+            let (arrivals, requests) = (arrivals.clone(), requests.clone());
             async move {
                 while let Ok((stream, _)) = listener.accept().await {
-                    tokio::spawn(serve(stream, arrivals.clone(), answer.clone()));
+                    tokio::spawn(serve(
+                        stream,
+                        arrivals.clone(),
+                        requests.clone(),
+                        answer.clone(),
+                    ));
                 }
             }
         });
         Ok(Self {
             url,
             arrivals,
+            requests,
             task,
         })
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().expect("lock").clone()
     }
 
     fn arrivals(&self) -> Vec<Instant> {
@@ -59,7 +73,12 @@ impl Drop for Stub {
 
 /// Serves one keep-alive connection: reads each request (headers, then `content-length` bytes)
 /// and writes the answer for it.
-async fn serve(mut stream: TcpStream, arrivals: Arc<Mutex<Vec<Instant>>>, answer: Answer) {
+async fn serve(
+    mut stream: TcpStream,
+    arrivals: Arc<Mutex<Vec<Instant>>>,
+    requests: Arc<Mutex<Vec<String>>>,
+    answer: Answer,
+) {
     let mut buf = Vec::new();
     loop {
         let head_end = loop {
@@ -86,6 +105,13 @@ async fn serve(mut stream: TcpStream, arrivals: Arc<Mutex<Vec<Instant>>>, answer
             }
         }
         buf.drain(..head_end + length);
+        let line = head.lines().next().unwrap_or_default();
+        requests.lock().expect("lock").push(
+            line.split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
         let n = {
             let mut arrivals = arrivals.lock().expect("lock");
             arrivals.push(Instant::now());
@@ -441,5 +467,68 @@ async fn failovers_count_calls_answered_by_another_endpoint() -> Result<()> {
         .build()?;
     nowhere.status("x").await.unwrap_err();
     assert_eq!(nowhere.failovers(), 0);
+    Ok(())
+}
+
+/// An acquire under a lease that every attempt found shed reached no server's etcd: the client
+/// sends nothing after it (no status read to look for a grant to clean up), so that a stampede
+/// of shed acquires does not turn into a stampede of reads that no server may shed.
+#[tokio::test]
+async fn an_acquire_shed_on_every_attempt_is_not_followed_by_a_clean_up() -> Result<()> {
+    let stub = Stub::start(Arc::new(|n| match n {
+        0 => (201, None, GRANTED),
+        _ => (503, None, OVERLOADED),
+    }))
+    .await?;
+    let client = Client::builder()
+        .endpoints([stub.url.clone()])
+        .retry_budget(RetryBudget::unlimited())
+        .build()?;
+    let lease = client
+        .grant_lease_for(Duration::from_secs(30), None)
+        .await?;
+    let err = client
+        .lock("seat")
+        .lease(&lease)
+        .acquire()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Overloaded { .. }), "{err:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let requests = stub.requests();
+    assert!(
+        requests
+            .iter()
+            .skip(1)
+            .all(|r| r.starts_with("post /v1/locks/seat/acquire")),
+        "only acquire attempts after the grant: {requests:?}"
+    );
+    // An attempt that may have acted (a 503 other than shedding) is followed by the clean-up.
+    let unsure = Stub::start(Arc::new(|n| match n {
+        0 => (201, None, GRANTED),
+        1 => (503, None, UNAVAILABLE),
+        _ => (503, None, OVERLOADED),
+    }))
+    .await?;
+    let client = Client::builder()
+        .endpoints([unsure.url.clone()])
+        .retry_budget(RetryBudget::unlimited())
+        .build()?;
+    let lease = client
+        .grant_lease_for(Duration::from_secs(30), None)
+        .await?;
+    let err = client
+        .lock("seat")
+        .lease(&lease)
+        .acquire()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Overloaded { .. }), "{err:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let requests = unsure.requests();
+    assert!(
+        requests.iter().any(|r| r.starts_with("get /v1/locks/seat")),
+        "the clean-up reads the lock after an attempt that may have acted: {requests:?}"
+    );
     Ok(())
 }

@@ -324,3 +324,84 @@ async fn a_waited_grant_has_its_full_ttl() -> Result<()> {
     assert!(lease["remaining_ms"].as_u64().unwrap() >= 8000, "{lease}");
     Ok(())
 }
+
+/// A try (no wait) at a lock someone holds is refused from a read: etcd's revision does not
+/// move, however many tries come (a try that put a key and deleted it again would cost two
+/// writes each, and tries that overlap would refuse one another). The holder's own try under its
+/// lease still answers its hold, and of many tries at a free lock exactly one wins.
+#[tokio::test]
+async fn a_refused_try_writes_nothing() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let server = TestServer::start(&etcd).await?;
+    let api = Api::new(server.url());
+    let (holder, other) = (api.grant("30s").await?, api.grant("30s").await?);
+    let (status, held) = api
+        .post(
+            "/v1/locks/front-row/acquire",
+            json!({"lease_id": holder, "wait": "0s", "owner": "first"}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{held}");
+    let mut etcd_client = etcd.client().await?;
+    let before = leasehold_tests::revision(&mut etcd_client).await?;
+    for _ in 0..20 {
+        let (status, body) = api
+            .post(
+                "/v1/locks/front-row/acquire",
+                json!({"lease_id": other, "wait": "0s"}),
+            )
+            .await?;
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["error"]["code"], "lock_held");
+        assert_eq!(body["holder"]["token"], held["token"], "{body}");
+        assert_eq!(body["holder"]["owner"], "first", "{body}");
+    }
+    assert_eq!(
+        leasehold_tests::revision(&mut etcd_client).await?,
+        before,
+        "twenty refused tries wrote nothing"
+    );
+    let (status, body) = api
+        .post(
+            "/v1/locks/front-row/acquire",
+            json!({"ttl": "5s", "wait": "0s"}),
+        )
+        .await?;
+    assert_eq!(status, 409, "{body}");
+    // The ttl try granted a lease and revoked it again (neither moves the revision); it wrote no
+    // key, of the lock or of the lease.
+    assert_eq!(
+        leasehold_tests::revision(&mut etcd_client).await?,
+        before,
+        "a refused try with a ttl wrote no key"
+    );
+    let (status, again) = api
+        .post(
+            "/v1/locks/front-row/acquire",
+            json!({"lease_id": holder, "wait": "0s"}),
+        )
+        .await?;
+    assert_eq!((status, &again["token"]), (200, &held["token"]), "{again}");
+    let (_, status) = api.get("/v1/locks/front-row").await?;
+    assert_eq!(status["waiters"], 0, "{status}");
+
+    // Many tries at once at a free lock: exactly one holds.
+    let mut tries = Vec::new();
+    for _ in 0..40 {
+        let api = api.clone();
+        tries.push(tokio::spawn(async move {
+            api.acquire_ttl("box-office", "10s", "0s").await
+        }));
+    }
+    let mut granted = 0;
+    for t in tries {
+        let (status, body) = t.await??;
+        match status {
+            200 => granted += 1,
+            409 => assert_eq!(body["error"]["code"], "lock_held"),
+            _ => panic!("unexpected answer {status}: {body}"),
+        }
+    }
+    assert_eq!(granted, 1, "exactly one of the tries holds");
+    Ok(())
+}
