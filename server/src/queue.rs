@@ -795,10 +795,10 @@ impl Service {
             let gets = txn_gets(&resp);
             if !resp.succeeded() && only_if_free {
                 let new_lease_had_keys = lease.new.is_some() && !gets[0].kvs().is_empty();
-                if !new_lease_had_keys && lease.new.is_none() {
-                    if let Some(problem) = self.auth_problem(&gets[0], &lease.auth) {
-                        return Err(problem);
-                    }
+                if lease.new.is_none()
+                    && let Some(problem) = self.auth_problem(&gets[0], &lease.auth)
+                {
+                    return Err(problem);
                 }
                 if !gets[1].kvs().is_empty() {
                     // Our own key is queued: take it over on the usual path.
