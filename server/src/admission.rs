@@ -59,7 +59,7 @@ const INITIAL_LIMIT: f64 = 64.0;
 /// of milliseconds queued inside etcd buy throughput; beyond that, calls wait better here, where
 /// finishing work goes first and new work can be shed.
 const TOLERANCE: f64 = 2.0;
-const QUEUEING_FLOOR: f64 = 0.1;
+const QUEUEING_FLOOR: f64 = 0.2;
 
 /// How fast the short-term latency average moves (per sample).
 const SHORT_WEIGHT: f64 = 0.1;
