@@ -806,8 +806,15 @@ impl Service {
                     continue;
                 }
                 if let (false, Some(head)) = (new_lease_had_keys, gets[2].kvs().first()) {
-                    // Refused, and nothing was written. With tombstones about, the head may
-                    // be nobody's hold (a lock in lock-delay): read who holds, if anyone.
+                    // Refused, and nothing was written. A queue of another kind (a semaphore,
+                    // a read-write lock) says so, as an enqueue would have.
+                    let theirs: WaiterValue =
+                        serde_json::from_slice(head.value()).unwrap_or_default();
+                    if let Some(conflict) = kind.conflict(Kind::of(&theirs)) {
+                        return Err(conflict);
+                    }
+                    // With tombstones about, the head may be nobody's hold (a lock in
+                    // lock-delay): read who holds, if anyone.
                     let holder = if gets[3].kvs().is_empty() {
                         self.holder_of(head).await
                     } else {
