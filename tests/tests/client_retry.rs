@@ -475,11 +475,36 @@ async fn failovers_count_calls_answered_by_another_endpoint() -> Result<()> {
 /// of shed acquires does not turn into a stampede of reads that no server may shed.
 #[tokio::test]
 async fn an_acquire_shed_on_every_attempt_is_not_followed_by_a_clean_up() -> Result<()> {
-    let stub = Stub::start(Arc::new(|n| match n {
+    let requests = shed_acquire(Arc::new(|n| match n {
         0 => (201, None, GRANTED),
         _ => (503, None, OVERLOADED),
     }))
     .await?;
+    assert!(
+        requests
+            .iter()
+            .skip(1)
+            .all(|r| r.starts_with("post /v1/locks/seat/acquire")),
+        "only acquire attempts after the grant: {requests:?}"
+    );
+    // An attempt that may have acted (a 503 other than shedding) is followed by the clean-up.
+    let requests = shed_acquire(Arc::new(|n| match n {
+        0 => (201, None, GRANTED),
+        1 => (503, None, UNAVAILABLE),
+        _ => (503, None, OVERLOADED),
+    }))
+    .await?;
+    assert!(
+        requests.iter().any(|r| r.starts_with("get /v1/locks/seat")),
+        "the clean-up reads the lock after an attempt that may have acted: {requests:?}"
+    );
+    Ok(())
+}
+
+/// Against a stub answering `answer` (a lease grant first): grants a lease, acquires under it
+/// until the last attempt is shed, and returns every request the stub saw by half a second later.
+async fn shed_acquire(answer: Answer) -> Result<Vec<String>> {
+    let stub = Stub::start(answer).await?;
     let client = Client::builder()
         .endpoints([stub.url.clone()])
         .retry_budget(RetryBudget::unlimited())
@@ -495,40 +520,5 @@ async fn an_acquire_shed_on_every_attempt_is_not_followed_by_a_clean_up() -> Res
         .unwrap_err();
     assert!(matches!(err, Error::Overloaded { .. }), "{err:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let requests = stub.requests();
-    assert!(
-        requests
-            .iter()
-            .skip(1)
-            .all(|r| r.starts_with("post /v1/locks/seat/acquire")),
-        "only acquire attempts after the grant: {requests:?}"
-    );
-    // An attempt that may have acted (a 503 other than shedding) is followed by the clean-up.
-    let unsure = Stub::start(Arc::new(|n| match n {
-        0 => (201, None, GRANTED),
-        1 => (503, None, UNAVAILABLE),
-        _ => (503, None, OVERLOADED),
-    }))
-    .await?;
-    let client = Client::builder()
-        .endpoints([unsure.url.clone()])
-        .retry_budget(RetryBudget::unlimited())
-        .build()?;
-    let lease = client
-        .grant_lease_for(Duration::from_secs(30), None)
-        .await?;
-    let err = client
-        .lock("seat")
-        .lease(&lease)
-        .acquire()
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::Overloaded { .. }), "{err:?}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let requests = unsure.requests();
-    assert!(
-        requests.iter().any(|r| r.starts_with("get /v1/locks/seat")),
-        "the clean-up reads the lock after an attempt that may have acted: {requests:?}"
-    );
-    Ok(())
+    Ok(stub.requests())
 }
