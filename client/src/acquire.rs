@@ -439,7 +439,14 @@ impl Asking<'_> {
                         previous = None;
                         (current, current_end, current_wait) = start_link(Instant::now());
                     }
-                    other => return other,
+                    other => {
+                        // An earlier link still waiting on a server is cut off here: it may
+                        // have been granted just now, whatever this link was answered.
+                        if previous.is_some() {
+                            self.maybe_acted.store(true, Ordering::Relaxed);
+                        }
+                        return other;
+                    }
                 },
                 () = settle(&mut previous), if previous.is_some() => previous = None,
                 () = tokio::time::sleep_until(next_at), if chained && previous.is_none() => {

@@ -285,8 +285,8 @@ impl Client {
 
     /// [`Client::call`], also noting in `maybe_acted` (when given) whether any attempt may have
     /// acted on a server: one that timed out or lost its connection after sending, or was
-    /// answered with an error other than shedding. An attempt shed (`overloaded`) or refused its
-    /// connection did nothing.
+    /// answered with a 5xx other than shedding. An attempt shed (`overloaded`), refused (4xx), or
+    /// refused its connection did nothing.
     pub(crate) async fn call_noting<T: DeserializeOwned>(
         &self,
         method: Method,
@@ -412,7 +412,9 @@ impl Client {
                 }
                 Ok((status, retry_after, bytes)) => {
                     let error = from_response(status, &bytes, retry_after);
-                    if !matches!(error, Error::Overloaded { .. }) {
+                    // A 4xx is a refusal (nothing done); a 5xx other than shedding may have
+                    // acted before it failed.
+                    if status >= 500 && !matches!(error, Error::Overloaded { .. }) {
                         note_acted();
                     }
                     if !(status == 503 || matches!(error, Error::Overloaded { .. })) {

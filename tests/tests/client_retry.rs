@@ -19,6 +19,10 @@ const OVERLOADED: &str = r#"{"error":{"code":"overloaded","message":"shedding lo
 const UNAVAILABLE: &str = r#"{"error":{"code":"store_unavailable","message":"etcd down"}}"#;
 const STATUS: &str = r#"{"name":"x","holder":null,"waiters":0}"#;
 const GRANTED: &str = r#"{"lease_id":"1a2b","ttl_ms":30000}"#;
+const MAX_WAIT_2S: &str =
+    r#"{"error":{"code":"invalid_wait","message":"`wait` is above the maximum of 2s."}}"#;
+/// A stub answer that never comes.
+const HANG: u16 = 0;
 
 /// A one-route HTTP/1.1 server that records when each request came.
 struct Stub {
@@ -118,6 +122,10 @@ async fn serve(
             arrivals.len() - 1
         };
         let (status, retry_after, body) = answer(n);
+        if status == HANG {
+            // Never answers (a long wait in line): the client may give up on this connection.
+            return std::future::pending().await;
+        }
         let retry_after = retry_after
             .map(|s| format!("retry-after: {s}\r\n"))
             .unwrap_or_default();
@@ -501,9 +509,36 @@ async fn an_acquire_shed_on_every_attempt_is_not_followed_by_a_clean_up() -> Res
     Ok(())
 }
 
+/// A wait longer than a server allows is a chain of requests; when the next one is shed, the
+/// one still waiting on a server is cut off, and it may have been granted: the client checks.
+#[tokio::test]
+async fn an_acquire_shed_while_an_earlier_link_waits_is_cleaned_up() -> Result<()> {
+    let requests = shed_acquire_waiting(Arc::new(|n| match n {
+        0 => (201, None, GRANTED),
+        1 => (400, None, MAX_WAIT_2S),
+        2 => (HANG, None, ""),
+        _ => (503, None, OVERLOADED),
+    }))
+    .await?;
+    assert!(
+        requests.iter().any(|r| r.starts_with("get /v1/locks/seat")),
+        "the clean-up reads the lock after cutting off a waiting link: {requests:?}"
+    );
+    Ok(())
+}
+
 /// Against a stub answering `answer` (a lease grant first): grants a lease, acquires under it
 /// until the last attempt is shed, and returns every request the stub saw by half a second later.
 async fn shed_acquire(answer: Answer) -> Result<Vec<String>> {
+    shed_acquire_for(answer, None).await
+}
+
+/// [`shed_acquire`] with a wait of 10 s in line.
+async fn shed_acquire_waiting(answer: Answer) -> Result<Vec<String>> {
+    shed_acquire_for(answer, Some(Duration::from_secs(10))).await
+}
+
+async fn shed_acquire_for(answer: Answer, wait: Option<Duration>) -> Result<Vec<String>> {
     let stub = Stub::start(answer).await?;
     let client = Client::builder()
         .endpoints([stub.url.clone()])
@@ -512,12 +547,11 @@ async fn shed_acquire(answer: Answer) -> Result<Vec<String>> {
     let lease = client
         .grant_lease_for(Duration::from_secs(30), None)
         .await?;
-    let err = client
-        .lock("seat")
-        .lease(&lease)
-        .acquire()
-        .await
-        .unwrap_err();
+    let mut lock = client.lock("seat").lease(&lease);
+    if let Some(wait) = wait {
+        lock = lock.wait(wait);
+    }
+    let err = lock.acquire().await.unwrap_err();
     assert!(matches!(err, Error::Overloaded { .. }), "{err:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(stub.requests())
