@@ -125,19 +125,20 @@ pub async fn request_scope<F: Future>(sheddable: bool, request: F) -> F::Output 
 /// queue that long (at most [`MAX_PATIENCE`]) rather than be shed. A parked waiter costs etcd
 /// nothing, so queueing it is better than failing it.
 pub fn be_patient(wait: Duration) {
-    let _ = REQUEST.try_with(|state| {
-        let mut now = state.get();
-        now.patience = wait.clamp(QUEUE_TIMEOUT, MAX_PATIENCE);
-        state.set(now);
-    });
+    update_request(|now| now.patience = wait.clamp(QUEUE_TIMEOUT, MAX_PATIENCE));
 }
 
 /// The current request opens a lease (a lease grant, an acquire with `ttl`): its first etcd
 /// call waits until no other call is queued.
 pub fn opens_session() {
+    update_request(|now| now.opens_session = true);
+}
+
+/// Changes what admission knows of the current request (nothing outside a request).
+fn update_request(change: impl FnOnce(&mut RequestState)) {
     let _ = REQUEST.try_with(|state| {
         let mut now = state.get();
-        now.opens_session = true;
+        change(&mut now);
         state.set(now);
     });
 }
@@ -160,11 +161,7 @@ fn current_class() -> (Class, Duration) {
 
 /// Marks the current request as admitted: its later calls queue instead of being shed.
 fn mark_admitted() {
-    let _ = REQUEST.try_with(|state| {
-        let mut now = state.get();
-        now.first_call_pending = false;
-        state.set(now);
-    });
+    update_request(|now| now.first_call_pending = false);
 }
 
 /// The shared limiter. Cheap to clone.

@@ -91,6 +91,8 @@ pub async fn grant_lease(
         .ttl(&state.limits)?
         .ok_or_else(|| ApiError::InvalidTtl("`ttl` is required".into()))?;
     let owner = fields.owner()?;
+    // A new session: let in after the work of open ones.
+    crate::admission::opens_session();
     let lease = state
         .service
         .grant_lease(&tenant, ttl, owner, handle)

@@ -173,14 +173,9 @@ async fn observe(request: Request, next: Next) -> Response {
     // Only requests that add work may be shed; releases, renewals and keep-alives finish it.
     let sheddable = method == axum::http::Method::POST
         && (route == "/v1/leases" || route.ends_with("/acquire"));
-    let opens_session = method == axum::http::Method::POST && route == "/v1/leases";
-    let response = crate::admission::request_scope(sheddable, async {
-        if opens_session {
-            crate::admission::opens_session();
-        }
-        next.run(request).instrument(span.clone()).await
-    })
-    .await;
+    let response =
+        crate::admission::request_scope(sheddable, next.run(request).instrument(span.clone()))
+            .await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     span.record("http.status", status);

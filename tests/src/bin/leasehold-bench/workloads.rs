@@ -172,6 +172,18 @@ struct TaskLog {
 }
 
 impl TaskLog {
+    /// Counts a cycle that began at `started` and ended just now, if it ended inside `window`:
+    /// its latency if it succeeded, its cause if not.
+    fn record(&mut self, window: &Window, started: Instant, outcome: Result<(), String>) {
+        let ended = Instant::now();
+        if window.contains(ended) {
+            match outcome {
+                Ok(()) => self.samples.push(ended - started),
+                Err(what) => self.error(what),
+            }
+        }
+    }
+
     fn error(&mut self, what: String) {
         *self.errors.entry(what).or_insert(0) += 1;
     }
@@ -300,13 +312,7 @@ pub async fn cycles(ctx: &Ctx, system: System, tasks: usize, label: &str) -> Res
                         let outcome =
                             leasehold_cycle(&api, &format!("{base}-{task}-{i}"), &lease).await;
                         i += 1;
-                        let ended = Instant::now();
-                        if window.contains(ended) {
-                            match outcome {
-                                Ok(()) => log.samples.push(ended - started),
-                                Err(what) => log.error(what),
-                            }
-                        }
+                        log.record(&window, started, outcome);
                     }
                     log
                 }));
@@ -323,13 +329,7 @@ pub async fn cycles(ctx: &Ctx, system: System, tasks: usize, label: &str) -> Res
                         let outcome =
                             etcd_cycle(&mut client, &format!("{base}-{task}-{i}"), lease).await;
                         i += 1;
-                        let ended = Instant::now();
-                        if window.contains(ended) {
-                            match outcome {
-                                Ok(()) => log.samples.push(ended - started),
-                                Err(what) => log.error(what),
-                            }
-                        }
+                        log.record(&window, started, outcome);
                     }
                     log
                 }));
