@@ -34,6 +34,7 @@
 //! ```
 
 mod admission;
+pub mod batch;
 pub mod cli;
 mod delay;
 mod election;

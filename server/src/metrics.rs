@@ -80,6 +80,14 @@ fn describe() {
         Unit::Seconds,
         "etcd calls by operation."
     );
+    describe_counter!(
+        "leasehold_etcd_batches_total",
+        "etcd requests that carried several lock txns at once (group commit)."
+    );
+    describe_counter!(
+        "leasehold_etcd_batched_txns_total",
+        "Lock txns sent inside those requests: divided by the batches, the mean batch size."
+    );
     describe_histogram!(
         "leasehold_http_request_duration_seconds",
         Unit::Seconds,
@@ -216,6 +224,12 @@ pub fn lease_revoked() {
 pub fn etcd_call(op: &'static str, elapsed: Duration, answered: bool) {
     histogram!("leasehold_etcd_request_duration_seconds", "op" => op).record(elapsed.as_secs_f64());
     gauge!("leasehold_etcd_up").set(if answered { 1.0 } else { 0.0 });
+}
+
+/// Records a group-commit batch of `txns` lock txns sent as one etcd request.
+pub fn etcd_batch(txns: usize) {
+    counter!("leasehold_etcd_batches_total").increment(1);
+    counter!("leasehold_etcd_batched_txns_total").increment(txns as u64);
 }
 
 /// Records a request shed by admission control.

@@ -791,7 +791,13 @@ impl Service {
                 ));
             }
             let txn = Txn::new().when(compares).and_then(ops).or_else(otherwise);
-            let resp = self.store.txn(target, txn).await?;
+            let resp = match seats {
+                [seat] => {
+                    let lock = self.keys.queue_prefix(&seat.name);
+                    self.store.lock_txn(&lock, target, txn).await?
+                }
+                _ => self.store.txn(target, txn).await?,
+            };
             let gets = txn_gets(&resp);
             if !resp.succeeded() && only_if_free {
                 let new_lease_had_keys = lease.new.is_some() && !gets[0].kvs().is_empty();
@@ -1164,7 +1170,14 @@ impl Service {
                 .when(compares)
                 .and_then(deletes)
                 .or_else(diagnose);
-            let resp = match self.store.txn(&waiter_keys[0], txn).await {
+            let sent = match names {
+                [name] => {
+                    let lock = self.keys.queue_prefix(name);
+                    self.store.lock_txn(&lock, &waiter_keys[0], txn).await
+                }
+                _ => self.store.txn(&waiter_keys[0], txn).await,
+            };
+            let resp = match sent {
                 Ok(resp) => resp,
                 Err(StoreError::Unavailable(msg)) => {
                     unanswered = true;
@@ -1251,9 +1264,10 @@ impl Service {
                 TxnOp::get(auth_key.as_str(), None),
                 TxnOp::get(self.keys.queue_prefix(name), Some(head_options())),
             ]);
+        let lock = self.keys.queue_prefix(name);
         let (refreshed, confirmed) = tokio::join!(
             self.store.lease_keep_alive(auth.lease),
-            self.store.txn(&waiter_key, confirm)
+            self.store.lock_txn(&lock, &waiter_key, confirm)
         );
         let confirmed = confirmed?;
         if !confirmed.succeeded() {

@@ -22,6 +22,7 @@ use etcd_client::{
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::batch::Batcher;
 use crate::keys::LeaseId;
 use crate::metrics;
 
@@ -94,6 +95,8 @@ pub struct Store {
 
 struct Endpoint {
     client: Client,
+    /// Group commit of lock txns sent to this endpoint (`batch.rs`).
+    batcher: Batcher,
     /// Until when this endpoint is passed over, as an offset from `since` in milliseconds.
     suspect_until_ms: AtomicU64,
     since: std::time::Instant,
@@ -158,6 +161,7 @@ impl Store {
                 });
             }
             clients.push(Endpoint {
+                batcher: Batcher::start(client.clone(), request_timeout),
                 client,
                 suspect_until_ms: AtomicU64::new(0),
                 since: std::time::Instant::now(),
@@ -219,7 +223,7 @@ impl Store {
 
     /// Runs one etcd call, bounded by the request timeout, with its error classified, inside an
     /// `etcd` span, and timed into `leasehold_etcd_request_duration_seconds{op}`.
-    async fn call<T, F, Fut>(
+    async fn call<T, E, F, Fut>(
         &self,
         at: usize,
         op: &'static str,
@@ -228,8 +232,9 @@ impl Store {
     ) -> Result<T, StoreError>
     where
         T: AtRevision,
-        F: FnOnce(Client) -> Fut,
-        Fut: Future<Output = Result<T, etcd_client::Error>>,
+        F: FnOnce(&Endpoint) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        StoreError: From<E>,
     {
         let span = tracing::info_span!(
             "etcd",
@@ -251,7 +256,7 @@ impl Store {
         // otherwise carry that inline. A queued acquire then costs ~165 KiB instead of a few KiB.
         // The call is made (and its client cloned) only here, once admitted: a call queued under
         // the admission limit holds just its arguments.
-        let call = Box::pin(call(self.endpoints[at].client.clone()).instrument(span));
+        let call = Box::pin(call(&self.endpoints[at]).instrument(span));
         let result = match tokio::time::timeout(self.request_timeout, call).await {
             Ok(result) => result.map_err(StoreError::from),
             Err(_) => Err(StoreError::Unavailable(format!(
@@ -282,8 +287,28 @@ impl Store {
     /// A transaction; `target` names the key or prefix it is about, for traces.
     pub async fn txn(&self, target: &str, txn: Txn) -> Result<TxnResponse, StoreError> {
         let at = self.pick();
-        self.call(at, "txn", target, move |mut client| async move {
-            client.txn(txn).await
+        self.call(
+            at,
+            "txn",
+            target,
+            with_client(move |mut client| async move { client.txn(txn).await }),
+        )
+        .await
+    }
+
+    /// A txn about lock `lock` alone, which may share one etcd request with txns about other
+    /// locks (group commit, `batch.rs`). Its answer and its guarantees are those of [`Store::txn`].
+    pub async fn lock_txn(
+        &self,
+        lock: &str,
+        target: &str,
+        txn: Txn,
+    ) -> Result<TxnResponse, StoreError> {
+        let at = self.pick();
+        self.call(at, "txn", target, move |endpoint| {
+            let batcher = endpoint.batcher.clone();
+            let lock = lock.to_owned();
+            async move { batcher.txn(lock, txn).await }
         })
         .await
     }
@@ -296,9 +321,12 @@ impl Store {
     ) -> Result<GetResponse, StoreError> {
         let at = self.pick();
         let owned = key.to_owned();
-        self.call(at, "get", key, move |mut client| async move {
-            client.get(owned, options).await
-        })
+        self.call(
+            at,
+            "get",
+            key,
+            with_client(move |mut client| async move { client.get(owned, options).await }),
+        )
         .await
     }
 
@@ -311,9 +339,12 @@ impl Store {
     ) -> Result<(), StoreError> {
         let at = self.pick();
         let owned = key.to_owned();
-        self.call(at, "put", key, move |mut client| async move {
-            client.put(owned, value, options).await
-        })
+        self.call(
+            at,
+            "put",
+            key,
+            with_client(move |mut client| async move { client.put(owned, value, options).await }),
+        )
         .await
         .map(drop)
     }
@@ -331,7 +362,9 @@ impl Store {
             at,
             "lease_grant",
             &id.to_string(),
-            move |mut client| async move { client.lease_grant(ttl_secs, Some(options)).await },
+            with_client(move |mut client| async move {
+                client.lease_grant(ttl_secs, Some(options)).await
+            }),
         )
         .await
     }
@@ -363,7 +396,7 @@ impl Store {
             at,
             "lease_revoke",
             &lease.to_string(),
-            move |mut client| async move { client.lease_revoke(lease.as_i64()).await },
+            with_client(move |mut client| async move { client.lease_revoke(lease.as_i64()).await }),
         )
         .await
         .map(drop)
@@ -377,7 +410,9 @@ impl Store {
             at,
             "lease_keepalive",
             &lease.to_string(),
-            move |mut client| async move { client.lease_keep_alive(lease.as_i64()).await },
+            with_client(
+                move |mut client| async move { client.lease_keep_alive(lease.as_i64()).await },
+            ),
         )
         .await
         .map(drop)
@@ -391,11 +426,25 @@ impl Store {
     ) -> Result<LeaseTimeToLiveResponse, StoreError> {
         let at = self.pick();
         let options = with_keys.then(|| LeaseTimeToLiveOptions::new().with_keys());
-        self.call(at, "lease_ttl", &lease.to_string(), move |mut client| async move {
-            client.lease_time_to_live(lease.as_i64(), options).await
-        })
+        self.call(
+            at,
+            "lease_ttl",
+            &lease.to_string(),
+            with_client(move |mut client| async move {
+                client.lease_time_to_live(lease.as_i64(), options).await
+            }),
+        )
         .await
     }
+}
+
+/// Adapts a call on an etcd client to [`Store::call`], which picks the endpoint.
+fn with_client<T, F, Fut>(call: F) -> impl FnOnce(&Endpoint) -> Fut
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    move |endpoint| call(endpoint.client.clone())
 }
 
 /// etcd-client's TLS options for `security`, if it asks for TLS.
