@@ -1,4 +1,4 @@
-//! Group commit: txns about different locks that arrive together go to etcd as one txn.
+//! Group commit: txns about different locks (or leases) that arrive together go to etcd as one txn.
 //!
 //! etcd (3.3 and later) takes txns nested in a txn's success branch, each with its own compares
 //! and branches, and applies the whole as one raft entry at one revision. Per request, etcd
@@ -11,12 +11,26 @@
 //! unchanged, so sequential latency does not move; batches form only when txns would otherwise
 //! queue inside etcd.
 //!
+//! **What may be batched.** etcd evaluates the compares of every nested txn against the state
+//! before the batch, then applies the parts in order. So a batch equals its parts run one after
+//! another only if no part compares a key that another part writes. Each txn names its
+//! *group*, and the txns sent here keep to that rule by construction:
+//! - lock txns (acquire of one name, its decisive read, release, a hold's confirming read;
+//!   group: the lock) compare
+//!   their lock's keys and their lease's `auth` key, and write only their lock's keys and the
+//!   lease's lock-delay entry for that lock (which nothing compares); the one that writes an
+//!   `auth` key creates a lease nobody else knows yet;
+//! - a lease keep-alive's check (group: the lease's `auth` key) writes nothing.
+//!
+//! Txns that rewrite an existing lease's `auth` key (a revoke's first step, clean-ups) or span
+//! several locks go to etcd alone (`Store::txn`).
+//!
 //! What keeps every per-operation guarantee (`docs/design.md`, "Group commit"):
 //! - Each nested txn keeps its own compares and branches: a batch that lands late, or not at
 //!   all, is as harmless as its parts would be, since each part is (the "Late writes" rules).
-//! - Two txns about one lock never share a batch: their waiter keys would share a revision, hence
-//!   a token. A txn about a lock already in the batch is sent on its own, as it was before group
-//!   commit.
+//! - Two txns of one group never share a batch: two waiter keys of one lock would share a
+//!   revision, hence a token. A txn whose group is already in the batch is sent on its own, as it
+//!   was before group commit.
 //! - Each txn's answer is its own branch's answer, under the batch's header (revision): nested
 //!   answers carry no header of their own.
 //! - A batch etcd refuses whole and unapplied (a duplicate key, too many operations, too large,
@@ -52,7 +66,7 @@ pub struct Batcher {
 }
 
 struct Job {
-    /// The lock the txn is about: two jobs of one group never share a batch.
+    /// The lock or lease the txn is about: two jobs of one group never share a batch.
     group: String,
     txn: Txn,
     reply: oneshot::Sender<Result<TxnResponse, StoreError>>,
@@ -67,7 +81,7 @@ impl Batcher {
         Self { jobs }
     }
 
-    /// Runs `txn`, which is about lock `group` alone, possibly inside a batch.
+    /// Runs `txn`, which is about `group` alone (see the module doc), possibly inside a batch.
     pub async fn txn(&self, group: String, txn: Txn) -> Result<TxnResponse, StoreError> {
         let (reply, answer) = oneshot::channel();
         let job = Job { group, txn, reply };
@@ -110,7 +124,7 @@ async fn dispatch(client: Client, mut queue: mpsc::UnboundedReceiver<Job>, timeo
 }
 
 /// The batch that starts with `first`: the jobs queued behind it, up to [`MAX_BATCH`], one per
-/// lock. Jobs about a lock already in the batch are returned apart, to be sent alone at once.
+/// group. Jobs of a group already in the batch are returned apart, to be sent alone at once.
 /// Jobs whose callers gave up are dropped.
 fn take_batch(first: Job, queue: &mut mpsc::UnboundedReceiver<Job>) -> (Vec<Job>, Vec<Job>) {
     let mut groups = HashSet::from([first.group.clone()]);
@@ -147,7 +161,7 @@ async fn send_alone(client: Client, job: Job, timeout: Duration) {
     let _ = job.reply.send(commit_alone(client, job.txn, timeout).await);
 }
 
-/// Runs `txns`, each about a different lock, as one etcd request (a lone txn as itself), and
+/// Runs `txns`, each of a different group, as one etcd request (a lone txn as itself), and
 /// gives each its own answer: its branch's answer under the request's header. What etcd refuses
 /// whole for one txn's sake is run txn by txn.
 pub async fn commit(

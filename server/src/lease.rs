@@ -247,7 +247,7 @@ impl Service {
             .or_else([TxnOp::get(auth_key.as_str(), None)]);
         let (refreshed, checked) = tokio::join!(
             self.store.lease_keep_alive(auth.lease),
-            self.store.txn(&auth_key, check)
+            self.store.batched_txn(&auth_key, &auth_key, check)
         );
         let checked = checked?;
         if !checked.succeeded() {

@@ -794,7 +794,7 @@ impl Service {
             let resp = match seats {
                 [seat] => {
                     let lock = self.keys.queue_prefix(&seat.name);
-                    self.store.lock_txn(&lock, target, txn).await?
+                    self.store.batched_txn(&lock, target, txn).await?
                 }
                 _ => self.store.txn(target, txn).await?,
             };
@@ -995,10 +995,14 @@ impl Service {
                 }
             }
             let target = &seats[0].waiter_key;
-            let resp = self
-                .store
-                .txn(target, Txn::new().when(compares.clone()).and_then(reads))
-                .await?;
+            let decisive = Txn::new().when(compares.clone()).and_then(reads);
+            let resp = match seats {
+                [seat] => {
+                    let lock = self.keys.queue_prefix(&seat.name);
+                    self.store.batched_txn(&lock, target, decisive).await?
+                }
+                _ => self.store.txn(target, decisive).await?,
+            };
             if !resp.succeeded() {
                 return Ok(Turn::Gone);
             }
@@ -1173,7 +1177,7 @@ impl Service {
             let sent = match names {
                 [name] => {
                     let lock = self.keys.queue_prefix(name);
-                    self.store.lock_txn(&lock, &waiter_keys[0], txn).await
+                    self.store.batched_txn(&lock, &waiter_keys[0], txn).await
                 }
                 _ => self.store.txn(&waiter_keys[0], txn).await,
             };
@@ -1267,7 +1271,7 @@ impl Service {
         let lock = self.keys.queue_prefix(name);
         let (refreshed, confirmed) = tokio::join!(
             self.store.lease_keep_alive(auth.lease),
-            self.store.lock_txn(&lock, &waiter_key, confirm)
+            self.store.batched_txn(&lock, &waiter_key, confirm)
         );
         let confirmed = confirmed?;
         if !confirmed.succeeded() {

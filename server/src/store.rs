@@ -296,19 +296,20 @@ impl Store {
         .await
     }
 
-    /// A txn about lock `lock` alone, which may share one etcd request with txns about other
-    /// locks (group commit, `batch.rs`). Its answer and its guarantees are those of [`Store::txn`].
-    pub async fn lock_txn(
+    /// A txn about `group` alone (one lock, or one lease), which may share one etcd request
+    /// with txns about other groups (group commit, `batch.rs`, where the rule for what may be
+    /// sent this way is). Its answer and its guarantees are those of [`Store::txn`].
+    pub async fn batched_txn(
         &self,
-        lock: &str,
+        group: &str,
         target: &str,
         txn: Txn,
     ) -> Result<TxnResponse, StoreError> {
         let at = self.pick();
         self.call(at, "txn", target, move |endpoint| {
             let batcher = endpoint.batcher.clone();
-            let lock = lock.to_owned();
-            async move { batcher.txn(lock, txn).await }
+            let group = group.to_owned();
+            async move { batcher.txn(group, txn).await }
         })
         .await
     }
