@@ -253,7 +253,7 @@ impl Service {
         );
         let token_rev = i64::try_from(hold.token).unwrap_or(-1);
         let target = self.keys.tombstone_key(&hold.names[0], lease);
-        let resp = match self.store.txn_until_answered(&target, txn, 1).await {
+        let resp = match self.store.txn_until_answered(None, &target, txn, 1).await {
             Ok(resp) => resp,
             // One of the two leases is gone: the holder's (the hold is gone), or, oddly, the
             // shadow lease just granted.
@@ -369,7 +369,7 @@ impl Service {
                 })
                 .collect();
             self.store
-                .txn_until_answered(&chunk[0], Txn::new().and_then(deletes), 2)
+                .txn_until_answered(None, &chunk[0], Txn::new().and_then(deletes), 2)
                 .await?;
         }
         Ok(())

@@ -325,6 +325,14 @@ impl KeySchema {
         let second = key[..last].iter().rposition(|&b| b == b'/')?;
         Some(&key[..=second])
     }
+
+    /// The queue prefix (`P/locks/{name}/q/`) of a waiter key (`P/locks/{name}/q/{lease}`):
+    /// everything up to its last `/`. It names the lock's group in group commit (`batch.rs`).
+    pub fn queue_of_waiter_key(waiter_key: &str) -> &str {
+        waiter_key
+            .rfind('/')
+            .map_or(waiter_key, |slash| &waiter_key[..=slash])
+    }
 }
 
 #[cfg(test)]
@@ -377,6 +385,17 @@ mod tests {
             let lease = LeaseId::from_etcd(id).unwrap();
             prop_assert_eq!(lease.to_string().parse::<LeaseId>(), Ok(lease));
         }
+    }
+
+    #[test]
+    fn a_waiter_key_names_its_queue() {
+        let keys = KeySchema::new("/leasehold/");
+        let name = LockName::new("a/b%c").unwrap();
+        let lease = LeaseId::from_etcd(0x1234).unwrap();
+        assert_eq!(
+            KeySchema::queue_of_waiter_key(&keys.waiter_key(&name, lease)),
+            keys.queue_prefix(&name)
+        );
     }
 
     #[test]

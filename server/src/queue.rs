@@ -1490,7 +1490,12 @@ impl CleanUp {
                     .map(|(tombstone, _)| TxnOp::delete(tombstone.as_str(), None))
                     .collect();
                 if let Err(err) = store
-                    .txn_until_answered(&self.tombstones[0].0, Txn::new().and_then(deletes), rounds)
+                    .txn_until_answered(
+                        None,
+                        &self.tombstones[0].0,
+                        Txn::new().and_then(deletes),
+                        rounds,
+                    )
                     .await
                 {
                     result = Err(err);
@@ -1498,8 +1503,13 @@ impl CleanUp {
             }
             result
         } else {
+            // A confirmed enqueue's clean-up of one lock compares and deletes that lock's keys
+            // only: group commit may carry it (`batch.rs`). The other kind rewrites `auth`.
+            let waiter_key = self.seats[0].0.as_str();
+            let group = (self.enqueue_confirmed && self.seats.len() == 1)
+                .then(|| KeySchema::queue_of_waiter_key(waiter_key));
             store
-                .txn_until_answered(&self.seats[0].0, self.txn(), rounds)
+                .txn_until_answered(group, waiter_key, self.txn(), rounds)
                 .await
                 .map(drop)
         };

@@ -372,9 +372,11 @@ impl Store {
 
     /// A txn retried on the next endpoint while etcd gives no answer, up to `rounds` times over
     /// every endpoint: for writes whose outcome we must learn (clean-ups, releases). Only for txns
-    /// that are harmless when applied twice or late (every attempt may still land).
+    /// that are harmless when applied twice or late (every attempt may still land). With a
+    /// `group`, each attempt is a [`Store::batched_txn`] of that group.
     pub async fn txn_until_answered(
         &self,
+        group: Option<&str>,
         target: &str,
         txn: Txn,
         rounds: usize,
@@ -382,7 +384,11 @@ impl Store {
         let attempts = self.endpoints.len() * rounds.max(1);
         let mut last = None;
         for _ in 0..attempts {
-            match self.txn(target, txn.clone()).await {
+            let attempt = match group {
+                Some(group) => self.batched_txn(group, target, txn.clone()).await,
+                None => self.txn(target, txn.clone()).await,
+            };
+            match attempt {
                 Err(err @ StoreError::Unavailable(_)) => last = Some(err),
                 other => return other,
             }
