@@ -951,6 +951,30 @@ impl Api {
         &self.base
     }
 
+    /// The sum of every sample of metric `name` on the server's `/metrics` (whatever its
+    /// labels; 0 when absent).
+    pub async fn metric(&self, name: &str) -> Result<f64> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix(name)?;
+                let value = match rest.as_bytes().first()? {
+                    b' ' => rest,
+                    b'{' => &rest[rest.find('}')? + 1..],
+                    _ => return None,
+                };
+                value.trim().parse::<f64>().ok()
+            })
+            .sum())
+    }
+
     /// `POST path` with a JSON body.
     pub async fn post(&self, path: &str, body: Value) -> Result<(u16, Value)> {
         let request = self.http.post(format!("{}{path}", self.base)).json(&body);

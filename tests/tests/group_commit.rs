@@ -116,7 +116,7 @@ async fn acquires_of_one_lock_never_share_a_batch() -> Result<()> {
     let etcd = EtcdCluster::start(1).await?;
     let server = TestServer::start(&etcd).await?;
     let api = Api::new(server.url());
-    let batches_before = metric(&api, "leasehold_etcd_batches_total").await?;
+    let batches_before = api.metric("leasehold_etcd_batches_total").await?;
 
     const TASKS: usize = 24;
     let mut leases = Vec::new();
@@ -154,22 +154,7 @@ async fn acquires_of_one_lock_never_share_a_batch() -> Result<()> {
         let distinct: HashSet<u64> = pool.iter().copied().collect();
         assert_eq!(distinct.len(), pool.len(), "round {round}: tokens {pool:?}");
     }
-    let batches = metric(&api, "leasehold_etcd_batches_total").await? - batches_before;
+    let batches = api.metric("leasehold_etcd_batches_total").await? - batches_before;
     assert!(batches > 0.0, "no batch formed: the test proves nothing");
     Ok(())
-}
-
-/// The value of an unlabelled counter on the server's `/metrics`.
-async fn metric(api: &Api, name: &str) -> Result<f64> {
-    let text = api
-        .http()
-        .get(format!("{}/metrics", api.base()))
-        .send()
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0))
 }

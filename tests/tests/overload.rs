@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use leasehold_tests::{EtcdCluster, ServerProcess, server_bin};
+use leasehold_tests::{Api, EtcdCluster, ServerProcess, server_bin};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -22,21 +22,6 @@ const LOCKS: usize = 300;
 const TTL: Duration = Duration::from_secs(5);
 /// How long the storm lasts.
 const STORM: Duration = Duration::from_secs(12);
-
-/// A counter from a server's `/metrics` (0 when absent).
-async fn counter(http: &reqwest::Client, url: &str, name: &str) -> Result<f64> {
-    let text = http
-        .get(format!("{url}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_is_shed_cleanly() -> Result<()> {
@@ -98,7 +83,9 @@ async fn a_storm_is_shed_cleanly() -> Result<()> {
         );
     }
     ensure!(granted > 0, "nothing was granted: {outcomes:?}");
-    let refused = counter(&http, &url, "leasehold_etcd_overloaded_total").await?;
+    let refused = Api::new(url.clone())
+        .metric("leasehold_etcd_overloaded_total")
+        .await?;
     ensure!(
         refused == 0.0,
         "etcd answered \"too many requests\" {refused} times"

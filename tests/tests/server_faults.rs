@@ -610,21 +610,6 @@ async fn a_stalled_member_is_avoided() -> Result<()> {
     Ok(())
 }
 
-/// The counter `name` in a server's `/metrics` (0 when absent).
-async fn counter(api: &Api, name: &str) -> Result<f64> {
-    let text = api
-        .http()
-        .get(format!("{}/metrics", api.base()))
-        .send()
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0))
-}
-
 /// An idle server's one etcd watch stays up on an etcd with default settings: its HTTP/2
 /// keep-alive pings stay within etcd's default policy (at least 5 s apart), so etcd never
 /// answers "too many pings" and tears the connection down (with 2 s pings it broke every ~8 s).
@@ -634,7 +619,7 @@ async fn idle_watch_survives_a_minute_on_a_default_etcd() -> Result<()> {
     let server = ServerProcess::spawn(&server_bin!(), &etcd.endpoints(), &[]).await?;
     let api = Api::new(server.url());
     tokio::time::sleep(Duration::from_secs(60)).await;
-    assert_eq!(counter(&api, "leasehold_watch_restarts_total").await?, 0.0);
+    assert_eq!(api.metric("leasehold_watch_restarts_total").await?, 0.0);
     // And the watch still works: a waiter is woken by a release.
     let (_, held) = api.acquire_ttl("idle", "10s", "0s").await?;
     let waiter = tokio::spawn({
