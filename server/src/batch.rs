@@ -16,14 +16,14 @@
 //! another only if no part compares a key that another part writes. Each txn names its
 //! *group*, and the txns sent here keep to that rule by construction:
 //! - lock txns (acquire of one name, its decisive read, release, a hold's confirming read, the
-//!   clean-up of a confirmed enqueue; group: the lock) compare
-//!   their lock's keys and their lease's `auth` key, and write only their lock's keys and the
-//!   lease's lock-delay entry for that lock (which nothing compares); the one that writes an
-//!   `auth` key creates a lease nobody else knows yet;
+//!   clean-up of a confirmed enqueue; group: the lock) compare their lock's keys and their
+//!   lease's `auth` key, and write only their lock's keys and the lease's lock-delay entry for
+//!   that lock (which nothing compares); the one that writes an `auth` key creates a lease nobody
+//!   else knows yet;
 //! - a lease keep-alive's check (group: the lease's `auth` key) writes nothing.
 //!
-//! Txns that rewrite an existing lease's `auth` key (a revoke's first step, clean-ups) or span
-//! several locks go to etcd alone (`Store::txn`).
+//! Txns that rewrite an existing lease's `auth` key (a revoke's first step, the clean-up of an
+//! enqueue whose outcome is unknown) or span several locks go to etcd alone (`Store::txn`).
 //!
 //! What keeps every per-operation guarantee (`docs/design.md`, "Group commit"):
 //! - Each nested txn keeps its own compares and branches: a batch that lands late, or not at
