@@ -40,6 +40,11 @@ pub struct Args {
     /// Bound on each etcd call; past it requests answer 503 store_unavailable.
     #[arg(long, env = "LEASEHOLD_ETCD_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub etcd_timeout: Duration,
+    /// Send txns about different locks to etcd as one txn when they arrive together (group
+    /// commit). Cuts etcd's CPU per lock operation under load; off by default (a flash sale at 5x
+    /// its capacity had slow tails with it, see docs/performance.md).
+    #[arg(long, env = "LEASEHOLD_GROUP_COMMIT")]
+    pub group_commit: bool,
     /// Open connections at most; more are answered 503 too_many_connections.
     #[arg(long, env = "LEASEHOLD_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
@@ -120,6 +125,7 @@ impl Args {
             .with_etcd_timeout(self.etcd_timeout)
             .with_limits(self.max_ttl, self.max_wait)
             .with_connection_limits(self.max_connections, self.header_timeout);
+        config.group_commit = self.group_commit;
         if let Some(path) = &self.auth_file {
             config = config.with_auth_file(path);
         }

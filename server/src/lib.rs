@@ -111,6 +111,9 @@ pub struct Config {
     pub tls: Option<http::tls::TlsFiles>,
     /// How to reach etcd securely: TLS (CA, client certificate) and user/password.
     pub etcd_security: EtcdSecurity,
+    /// Group commit (`batch.rs`): send txns about different locks as one etcd txn. Off by
+    /// default: see `docs/performance.md`, "Group commit".
+    pub group_commit: bool,
 }
 
 /// TLS and authentication towards etcd.
@@ -138,6 +141,7 @@ impl Default for Config {
             auth_file: None,
             tls: None,
             etcd_security: EtcdSecurity::default(),
+            group_commit: false,
         }
     }
 }
@@ -239,7 +243,8 @@ pub async fn run(
         &config.etcd_security,
     )
     .await
-    .map_err(|err| invalid(err.to_string()))?;
+    .map_err(|err| invalid(err.to_string()))?
+    .with_group_commit(config.group_commit);
     let service = Service::new(store, &config.prefix);
     // Two deployments whose prefixes nest would read each other's keys: refuse to start. If etcd
     // does not answer now, the check runs again until it does.

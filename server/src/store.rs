@@ -91,6 +91,8 @@ pub struct Store {
     request_timeout: Duration,
     /// The highest revision any etcd answer (or the watch) has shown us.
     known_revision: Arc<AtomicI64>,
+    /// Whether [`Store::batched_txn`] batches (`--group-commit`); off: every txn alone.
+    group_commit: bool,
 }
 
 struct Endpoint {
@@ -176,7 +178,14 @@ impl Store {
             next: Arc::new(AtomicUsize::new(0)),
             request_timeout,
             known_revision: Arc::new(AtomicI64::new(0)),
+            group_commit: false,
         })
+    }
+
+    /// The same store, with group commit on or off (`batch.rs`; off unless asked for).
+    pub fn with_group_commit(mut self, on: bool) -> Self {
+        self.group_commit = on;
+        self
     }
 
     /// The highest etcd revision seen so far. Every write applied after a request is sent gets a
@@ -297,14 +306,17 @@ impl Store {
     }
 
     /// A txn about `group` alone (one lock, or one lease), which may share one etcd request
-    /// with txns about other groups (group commit, `batch.rs`, where the rule for what may be
-    /// sent this way is). Its answer and its guarantees are those of [`Store::txn`].
+    /// with txns about other groups when group commit is on (`batch.rs`, where the rule for what
+    /// may be sent this way is). Its answer and its guarantees are those of [`Store::txn`].
     pub async fn batched_txn(
         &self,
         group: &str,
         target: &str,
         txn: Txn,
     ) -> Result<TxnResponse, StoreError> {
+        if !self.group_commit {
+            return self.txn(target, txn).await;
+        }
         let at = self.pick();
         self.call(at, "txn", target, move |endpoint| {
             let batcher = endpoint.batcher.clone();

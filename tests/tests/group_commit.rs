@@ -114,7 +114,9 @@ async fn a_batch_etcd_refuses_whole_is_run_txn_by_txn() -> Result<()> {
 #[tokio::test]
 async fn acquires_of_one_lock_never_share_a_batch() -> Result<()> {
     let etcd = EtcdCluster::start(1).await?;
-    let server = TestServer::start(&etcd).await?;
+    let mut config = leasehold_server::Config::default().with_etcd_endpoints(etcd.endpoints());
+    config.group_commit = true;
+    let server = TestServer::start_with(config).await?;
     let api = Api::new(server.url());
     let batches_before = api.metric("leasehold_etcd_batches_total").await?;
 
