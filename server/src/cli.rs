@@ -43,7 +43,12 @@ pub struct Args {
     /// Send txns about different locks to etcd as one txn when they arrive together (group
     /// commit). Cuts etcd's CPU per lock operation under load; off by default (a flash sale at 5x
     /// its capacity had slow tails with it, see docs/performance.md).
-    #[arg(long, env = "LEASEHOLD_GROUP_COMMIT")]
+    #[arg(
+        long,
+        env = "LEASEHOLD_GROUP_COMMIT",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub group_commit: bool,
     /// Open connections at most; more are answered 503 too_many_connections.
     #[arg(long, env = "LEASEHOLD_MAX_CONNECTIONS", default_value_t = 10_000)]
@@ -193,5 +198,20 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_commit_is_off_unless_asked_for() {
+        if std::env::var_os("LEASEHOLD_GROUP_COMMIT").is_none() {
+            let default = Args::try_parse_from(["leasehold-server"]).unwrap();
+            assert!(!default.config().unwrap().group_commit);
+        }
+        let asked = Args::try_parse_from(["leasehold-server", "--group-commit"]).unwrap();
+        assert!(asked.config().unwrap().group_commit);
     }
 }
