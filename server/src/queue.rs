@@ -652,6 +652,24 @@ impl Service {
         }
     }
 
+    /// A txn about the locks `names`: one about a single lock may share an etcd request with
+    /// txns about other locks (group commit, `batch.rs`; its group is the lock's queue prefix),
+    /// one about several goes alone.
+    async fn txn_on_locks<'a>(
+        &self,
+        mut names: impl Iterator<Item = &'a LockName>,
+        target: &str,
+        txn: Txn,
+    ) -> Result<etcd_client::TxnResponse, StoreError> {
+        match (names.next(), names.next()) {
+            (Some(name), None) => {
+                let group = self.keys.queue_prefix(name);
+                self.store.batched_txn(&group, target, txn).await
+            }
+            _ => self.store.txn(target, txn).await,
+        }
+    }
+
     /// Waits until a watched key is deleted, a resync or the backstop asks for a re-read, the
     /// deadline passes, or shutdown begins.
     async fn wait_for_wakeup(&self, wakeups: &mut Subscription, deadline: Instant) -> Woken {
@@ -791,13 +809,9 @@ impl Service {
                 ));
             }
             let txn = Txn::new().when(compares).and_then(ops).or_else(otherwise);
-            let resp = match seats {
-                [seat] => {
-                    let lock = self.keys.queue_prefix(&seat.name);
-                    self.store.batched_txn(&lock, target, txn).await?
-                }
-                _ => self.store.txn(target, txn).await?,
-            };
+            let resp = self
+                .txn_on_locks(seats.iter().map(|seat| &seat.name), target, txn)
+                .await?;
             let gets = txn_gets(&resp);
             if !resp.succeeded() && only_if_free {
                 let new_lease_had_keys = lease.new.is_some() && !gets[0].kvs().is_empty();
@@ -996,13 +1010,9 @@ impl Service {
             }
             let target = &seats[0].waiter_key;
             let decisive = Txn::new().when(compares.clone()).and_then(reads);
-            let resp = match seats {
-                [seat] => {
-                    let lock = self.keys.queue_prefix(&seat.name);
-                    self.store.batched_txn(&lock, target, decisive).await?
-                }
-                _ => self.store.txn(target, decisive).await?,
-            };
+            let resp = self
+                .txn_on_locks(seats.iter().map(|seat| &seat.name), target, decisive)
+                .await?;
             if !resp.succeeded() {
                 return Ok(Turn::Gone);
             }
@@ -1174,14 +1184,7 @@ impl Service {
                 .when(compares)
                 .and_then(deletes)
                 .or_else(diagnose);
-            let sent = match names {
-                [name] => {
-                    let lock = self.keys.queue_prefix(name);
-                    self.store.batched_txn(&lock, &waiter_keys[0], txn).await
-                }
-                _ => self.store.txn(&waiter_keys[0], txn).await,
-            };
-            let resp = match sent {
+            let resp = match self.txn_on_locks(names.iter(), &waiter_keys[0], txn).await {
                 Ok(resp) => resp,
                 Err(StoreError::Unavailable(msg)) => {
                     unanswered = true;
@@ -1268,10 +1271,9 @@ impl Service {
                 TxnOp::get(auth_key.as_str(), None),
                 TxnOp::get(self.keys.queue_prefix(name), Some(head_options())),
             ]);
-        let lock = self.keys.queue_prefix(name);
         let (refreshed, confirmed) = tokio::join!(
             self.store.lease_keep_alive(auth.lease),
-            self.store.batched_txn(&lock, &waiter_key, confirm)
+            self.txn_on_locks(std::iter::once(name), &waiter_key, confirm)
         );
         let confirmed = confirmed?;
         if !confirmed.succeeded() {

@@ -11,8 +11,8 @@
 //! whatever must invalidate it writes the key it compares (see `docs/design.md`, "Late writes").
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use etcd_client::{
@@ -97,8 +97,9 @@ pub struct Store {
 
 struct Endpoint {
     client: Client,
-    /// Group commit of lock txns sent to this endpoint (`batch.rs`).
-    batcher: Batcher,
+    /// Group commit of lock txns sent to this endpoint (`batch.rs`), started on first use: never
+    /// while group commit is off.
+    batcher: OnceLock<Batcher>,
     /// Until when this endpoint is passed over, as an offset from `since` in milliseconds.
     suspect_until_ms: AtomicU64,
     since: std::time::Instant,
@@ -163,7 +164,7 @@ impl Store {
                 });
             }
             clients.push(Endpoint {
-                batcher: Batcher::start(client.clone(), request_timeout),
+                batcher: OnceLock::new(),
                 client,
                 suspect_until_ms: AtomicU64::new(0),
                 since: std::time::Instant::now(),
@@ -318,8 +319,12 @@ impl Store {
             return self.txn(target, txn).await;
         }
         let at = self.pick();
+        let timeout = self.request_timeout;
         self.call(at, "txn", target, move |endpoint| {
-            let batcher = endpoint.batcher.clone();
+            let batcher = endpoint
+                .batcher
+                .get_or_init(|| Batcher::start(endpoint.client.clone(), timeout))
+                .clone();
             let group = group.to_owned();
             async move { batcher.txn(group, txn).await }
         })
