@@ -11,11 +11,19 @@
 //!   line: up to its wait, [`be_patient`]); past it, or at once when the calls queued ahead
 //!   would take longer than that to get their slots at etcd's recent latency, the request is
 //!   shed: nothing was sent to etcd, so the answer `503 overloaded` is exact;
-//! - requests that *finish* work (release, renew, keep-alive, revoke) are never shed: shedding a
-//!   release would keep a lock held for a whole TTL and turn away everyone waiting for it;
-//! - every later call of an admitted request, and background work (clean-ups, keep-alives, the
-//!   watch) ([`Class::Admitted`]) waits for its turn: it must not fail halfway through an
-//!   operation that already wrote to etcd.
+//! - requests that *finish* work (release, renew, keep-alive, revoke), the clean-up of a wait
+//!   that ended, and background work (clean-ups, keep-alives, the watch) ([`Class::Finishing`])
+//!   are never shed, and go first: shedding a release would keep a lock held for a whole TTL and
+//!   turn away everyone waiting for it, and a wait's clean-up unblocks the line behind it;
+//! - every later call of an admitted request ([`Class::Admitted`]) waits for its turn, after
+//!   finishing work and before new requests: it must not fail halfway through an operation that
+//!   already wrote to etcd, and a request halfway through is closer to an answer than a new one.
+//!
+//! Why finishing work goes first: in a line of waiters with short waits (the 5x flash sale's
+//! last seat: hundreds of buyers, each waiting 250 ms, then queueing again), the head of the line
+//! is granted only once the keys of everyone who gave up before it are gone. When those
+//! clean-ups queued behind new enqueues, the head was always the key of someone who had left,
+//! each waiter in turn gave up before its turn came, and the lock went to nobody for seconds.
 //!
 //! New sessions wait for everything else. A request that opens a lease (a lease grant, an
 //! acquire with `ttl`) ([`Class::NewSession`]) gets a slot only when no other call is queued:
@@ -82,8 +90,22 @@ pub enum Class {
     /// The first etcd call of a new request under an existing lease: shed if it would queue too
     /// long.
     NewRequest,
-    /// Anything else: queue until served.
+    /// A later call of an admitted request: queue until served, after finishing work.
     Admitted,
+    /// Work that ends or keeps up what is held or queued: calls of a request that finishes work,
+    /// a wait's clean-up, background work. Queue until served, first.
+    Finishing,
+}
+
+/// What a request does to etcd's work, which decides how its calls queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    /// It adds work (an acquire, a lease grant): its first call may be shed.
+    AddsWork,
+    /// It finishes or keeps up work (release, renew, keep-alive, revoke): never shed, first.
+    FinishesWork,
+    /// Anything else (reads of status): never shed, in turn with admitted work.
+    Other,
 }
 
 /// The request was shed: nothing was sent to etcd.
@@ -103,6 +125,8 @@ struct RequestState {
     patience: Duration,
     /// The request opens a lease (a new session).
     opens_session: bool,
+    /// Its calls are finishing work.
+    finishing: bool,
 }
 
 tokio::task_local! {
@@ -110,15 +134,27 @@ tokio::task_local! {
     static REQUEST: std::cell::Cell<RequestState>;
 }
 
-/// Runs `request` (an HTTP handler); if it is `sheddable` (it adds work), its first etcd call may
-/// be shed, later ones not. Requests that finish work are never shed.
-pub async fn request_scope<F: Future>(sheddable: bool, request: F) -> F::Output {
+/// Runs `request` (an HTTP handler) of this kind: if it adds work, its first etcd call may be
+/// shed, later ones not. Requests that finish work are never shed, and go first.
+pub async fn request_scope<F: Future>(kind: RequestKind, request: F) -> F::Output {
     let state = RequestState {
-        first_call_pending: sheddable,
+        first_call_pending: kind == RequestKind::AddsWork,
         patience: QUEUE_TIMEOUT,
         opens_session: false,
+        finishing: kind == RequestKind::FinishesWork,
     };
     REQUEST.scope(std::cell::Cell::new(state), request).await
+}
+
+/// Runs `work` (the clean-up of a wait that ended) as finishing work: never shed, first.
+pub async fn finishing<F: Future>(work: F) -> F::Output {
+    let state = RequestState {
+        first_call_pending: false,
+        patience: Duration::ZERO,
+        opens_session: false,
+        finishing: true,
+    };
+    REQUEST.scope(std::cell::Cell::new(state), work).await
 }
 
 /// The current request asked to wait up to `wait` (an acquire in line): its first etcd call may
@@ -152,11 +188,14 @@ fn current_class() -> (Class, Duration) {
                 (Class::NewSession, state.patience)
             } else if state.first_call_pending {
                 (Class::NewRequest, state.patience)
+            } else if state.finishing {
+                (Class::Finishing, Duration::ZERO)
             } else {
                 (Class::Admitted, Duration::ZERO)
             }
         })
-        .unwrap_or((Class::Admitted, Duration::ZERO))
+        // Outside a request: background work (clean-ups, keep-alives, the watch).
+        .unwrap_or((Class::Finishing, Duration::ZERO))
 }
 
 /// Marks the current request as admitted: its later calls queue instead of being shed.
@@ -173,7 +212,12 @@ pub struct Admission {
 struct State {
     limit: f64,
     in_flight: usize,
-    /// Waiting calls, oldest first; a sender is dropped when its waiter gave up.
+    /// Waiting finishing work, oldest first: served before anything else.
+    finishing: VecDeque<oneshot::Sender<()>>,
+    /// Waiting later calls of admitted requests, oldest first: served next.
+    admitted: VecDeque<oneshot::Sender<()>>,
+    /// Waiting first calls of new requests, oldest first (a sender is dropped when its waiter
+    /// gave up): served next.
     queue: VecDeque<oneshot::Sender<()>>,
     /// Waiting new sessions, oldest first: served only when `queue` is empty.
     sessions: VecDeque<oneshot::Sender<()>>,
@@ -197,6 +241,8 @@ impl Default for Admission {
             inner: Arc::new(Mutex::new(State {
                 limit: INITIAL_LIMIT,
                 in_flight: 0,
+                finishing: VecDeque::new(),
+                admitted: VecDeque::new(),
                 queue: VecDeque::new(),
                 sessions: VecDeque::new(),
                 short_rtt: 0.0,
@@ -221,13 +267,15 @@ impl Admission {
             let free = state.in_flight < state.limit as usize;
             // Calls a new arrival of this class would queue behind.
             let ahead = match class {
-                Class::NewSession => state.queue.len() + state.sessions.len(),
-                Class::NewRequest | Class::Admitted => state.queue.len(),
+                Class::NewSession => state.queued(),
+                Class::NewRequest => state.queued() - state.sessions.len(),
+                Class::Admitted => state.finishing.len() + state.admitted.len(),
+                Class::Finishing => state.finishing.len(),
             };
             if free && ahead == 0 {
                 state.in_flight += 1;
                 None
-            } else if class != Class::Admitted
+            } else if matches!(class, Class::NewSession | Class::NewRequest)
                 && (ahead >= MAX_QUEUE || state.drain_time(ahead) > patience)
             {
                 // The queue ahead would take longer to drain than the request may wait.
@@ -238,9 +286,11 @@ impl Admission {
                 let (tx, rx) = oneshot::channel();
                 match class {
                     Class::NewSession => state.sessions.push_back(tx),
-                    Class::NewRequest | Class::Admitted => state.queue.push_back(tx),
+                    Class::NewRequest => state.queue.push_back(tx),
+                    Class::Admitted => state.admitted.push_back(tx),
+                    Class::Finishing => state.finishing.push_back(tx),
                 }
-                metrics::admission(state.limit, state.queue.len() + state.sessions.len());
+                metrics::admission(state.limit, state.queued());
                 Some(rx)
             }
         };
@@ -257,7 +307,7 @@ impl Admission {
                         return Err(Shed);
                     }
                 }
-                Class::Admitted => {
+                Class::Admitted | Class::Finishing => {
                     let _ = turn.await;
                 }
             }
@@ -269,18 +319,21 @@ impl Admission {
         })
     }
 
-    /// Frees a slot: hands it to the oldest live waiter, else to the oldest waiting new session,
-    /// or returns it.
+    /// Frees a slot: hands it to the oldest live waiter of the first class that has one
+    /// (finishing work, admitted requests, new requests, new sessions), or returns it.
     fn release(&self) {
         let mut state = self.state();
-        while let Some(next) = state.queue.pop_front() {
-            if next.send(()).is_ok() {
-                return; // the slot passes on; in_flight is unchanged
-            }
-        }
-        while let Some(next) = state.sessions.pop_front() {
-            if next.send(()).is_ok() {
-                return;
+        let state = &mut *state;
+        for queue in [
+            &mut state.finishing,
+            &mut state.admitted,
+            &mut state.queue,
+            &mut state.sessions,
+        ] {
+            while let Some(next) = queue.pop_front() {
+                if next.send(()).is_ok() {
+                    return; // the slot passes on; in_flight is unchanged
+                }
             }
         }
         state.in_flight = state.in_flight.saturating_sub(1);
@@ -308,28 +361,28 @@ impl Admission {
             let tolerated = (TOLERANCE * baseline).max(QUEUEING_FLOOR);
             let gradient = (tolerated / state.short_rtt).clamp(0.5, 1.0);
             // Grow only while the limit is actually used: an idle server learns nothing.
-            let used = state.in_flight as f64 >= state.limit / 2.0
-                || !state.queue.is_empty()
-                || !state.sessions.is_empty();
+            let used = state.in_flight as f64 >= state.limit / 2.0 || state.queued() > 0;
             let headroom = if used { state.limit.sqrt() } else { 0.0 };
             let target = state.limit * gradient + headroom;
             state.limit = (0.8 * state.limit + 0.2 * target).clamp(MIN_LIMIT, MAX_LIMIT);
         }
-        metrics::admission(state.limit, state.queue.len() + state.sessions.len());
+        metrics::admission(state.limit, state.queued());
     }
 
     /// The current limit (rounded down) and queue length.
     #[cfg(test)]
     fn snapshot(&self) -> (usize, usize) {
         let state = self.state();
-        (
-            state.limit as usize,
-            state.queue.len() + state.sessions.len(),
-        )
+        (state.limit as usize, state.queued())
     }
 }
 
 impl State {
+    /// Calls queued, of every class.
+    fn queued(&self) -> usize {
+        self.finishing.len() + self.admitted.len() + self.queue.len() + self.sessions.len()
+    }
+
     /// About how long `ahead` queued calls take to get their slots: the limit's worth of calls
     /// completes every `short_rtt`.
     fn drain_time(&self, ahead: usize) -> Duration {
@@ -361,7 +414,7 @@ mod tests {
         let held: Vec<Permit> = futures_held(&admission, limit).await;
         // A new request now queues, then is shed after the queue timeout.
         let started = Instant::now();
-        let shed = request_scope(true, admission.admit()).await;
+        let shed = request_scope(RequestKind::AddsWork, admission.admit()).await;
         assert!(shed.is_err());
         assert!(started.elapsed() >= QUEUE_TIMEOUT);
         // Background work waits for a slot instead.
@@ -395,11 +448,19 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
         let started = Instant::now();
-        assert!(request_scope(true, admission.admit()).await.is_err());
+        assert!(
+            request_scope(RequestKind::AddsWork, admission.admit())
+                .await
+                .is_err()
+        );
         // A request that finishes work queues instead.
         let finishing = tokio::spawn({
             let admission = admission.clone();
-            async move { request_scope(false, admission.admit()).await.map(drop) }
+            async move {
+                request_scope(RequestKind::FinishesWork, admission.admit())
+                    .await
+                    .map(drop)
+            }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!finishing.is_finished(), "queued, not shed");
@@ -444,7 +505,7 @@ mod tests {
         let served = Arc::new(Mutex::new(Vec::new()));
         let queue = |label: &'static str, opens: bool| {
             let (admission, served) = (admission.clone(), served.clone());
-            tokio::spawn(request_scope(true, async move {
+            tokio::spawn(request_scope(RequestKind::AddsWork, async move {
                 if opens {
                     opens_session();
                 }
@@ -464,6 +525,60 @@ mod tests {
         drop(held.pop());
         let _session = session.await.unwrap().expect("served next");
         assert_eq!(*served.lock().unwrap(), ["acquire", "new session"]);
+    }
+
+    /// Freed slots go to finishing work first (a release, a wait's clean-up), then to later
+    /// calls of admitted requests, then to new requests, whatever order they queued in.
+    #[tokio::test]
+    async fn finishing_work_goes_first_then_admitted_then_new() {
+        let admission = Admission::default();
+        let limit = admission.snapshot().0;
+        let mut held = futures_held(&admission, limit).await;
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let queue = |label: &'static str, kind: RequestKind| {
+            let (admission, served) = (admission.clone(), served.clone());
+            tokio::spawn(request_scope(kind, async move {
+                let permit = admission.admit().await?;
+                served.lock().unwrap().push(label);
+                Ok::<_, Shed>(permit)
+            }))
+        };
+        let new = queue("new acquire", RequestKind::AddsWork);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let admitted = queue("status read", RequestKind::Other);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let clean_up = tokio::spawn({
+            let (admission, served) = (admission.clone(), served.clone());
+            async move {
+                // Inside an acquire that was admitted: its clean-up is finishing work.
+                request_scope(
+                    RequestKind::AddsWork,
+                    finishing(async {
+                        let permit = admission.admit().await?;
+                        served.lock().unwrap().push("wait's clean-up");
+                        Ok::<_, Shed>(permit)
+                    }),
+                )
+                .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let release = queue("release", RequestKind::FinishesWork);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(admission.snapshot().1, 4, "all queued");
+        // One slot at a time, each handed over before the next is freed.
+        for _ in 0..4 {
+            drop(held.pop());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for task in [clean_up, release, admitted, new] {
+            let served = tokio::time::timeout(Duration::from_secs(5), task).await;
+            assert!(matches!(served, Ok(Ok(Ok(_)))), "every call served");
+        }
+        assert_eq!(
+            *served.lock().unwrap(),
+            ["wait's clean-up", "release", "status read", "new acquire"]
+        );
     }
 
     /// A sustained overload does not become the baseline: however many slow answers come in,

@@ -114,6 +114,11 @@ pub struct Config {
     /// Group commit (`batch.rs`): send txns about different locks as one etcd txn. Off by
     /// default: see `docs/performance.md`, "Group commit".
     pub group_commit: bool,
+    /// Fault injection, for tests only (no command-line flag): waiters hear no wake-up, and find
+    /// their turn only by re-reading, as when wake-ups arrive after a waiter's deadline under
+    /// load.
+    #[doc(hidden)]
+    pub fault_waiters_miss_wakeups: bool,
 }
 
 /// TLS and authentication towards etcd.
@@ -142,6 +147,7 @@ impl Default for Config {
             tls: None,
             etcd_security: EtcdSecurity::default(),
             group_commit: false,
+            fault_waiters_miss_wakeups: false,
         }
     }
 }
@@ -246,6 +252,10 @@ pub async fn run(
     .map_err(|err| invalid(err.to_string()))?
     .with_group_commit(config.group_commit);
     let service = Service::new(store, &config.prefix);
+    if config.fault_waiters_miss_wakeups {
+        tracing::warn!("fault injection: waiters miss every wake-up");
+        service.wakeups.miss_every_wakeup();
+    }
     // Two deployments whose prefixes nest would read each other's keys: refuse to start. If etcd
     // does not answer now, the check runs again until it does.
     let conflict = tokio_util::sync::CancellationToken::new();

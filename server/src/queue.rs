@@ -535,6 +535,8 @@ impl Service {
 
         let _in_flight = metrics::wait_started();
         let queued_at = Instant::now();
+        // Set once the deadline has passed: the read that follows is the last look.
+        let mut last_look = false;
         let mut turn = match enqueued.predecessor {
             Some(predecessor) => Ok(Turn::Behind(vec![predecessor])),
             None => {
@@ -573,6 +575,17 @@ impl Service {
                     abandon.now().await;
                     return Err(self.why_gone(&names[0], lease.auth.lease).await);
                 }
+                Ok(Turn::Behind(_)) if last_look => {
+                    if !abandon.now().await {
+                        return Err(still_cleaning_up());
+                    }
+                    // Say who holds it; if etcd cannot say, that is an outage (503), not a
+                    // lock we know to be held.
+                    return Err(match self.first_holder(&names).await {
+                        Ok(holder) => ServiceError::LockHeld { holder },
+                        Err(err) => err,
+                    });
+                }
                 Ok(Turn::Behind(ref blockers)) => {
                     // A blocker going, or one of our own keys going (lease died), means re-read.
                     let mut watched: Vec<&[u8]> = blockers.iter().map(Vec::as_slice).collect();
@@ -581,15 +594,15 @@ impl Service {
                     match self.wait_for_wakeup(wakeups, deadline).await {
                         Woken::Recheck => None,
                         Woken::Deadline => {
-                            if !abandon.now().await {
-                                return Err(still_cleaning_up());
-                            }
-                            // Say who holds it; if etcd cannot say, that is an outage (503),
-                            // not a lock we know to be held.
-                            return Err(match self.first_holder(&names).await {
-                                Ok(holder) => ServiceError::LockHeld { holder },
-                                Err(err) => err,
-                            });
+                            // One last decisive read before giving up. Our turn may have come
+                            // while its wake-up (or our enqueue's answer) was still on its way:
+                            // under load that takes longer than a short wait, and if no waiter
+                            // looked again at its deadline, each head of a busy line would give
+                            // up before learning it was the head, and the lock would go to
+                            // nobody for as long as the line stayed busy (seen in the 5x flash
+                            // sale: one seat's lock granted to no one for 13 s).
+                            last_look = true;
+                            None
                         }
                         Woken::Shutdown => {
                             abandon.now().await;
@@ -1378,7 +1391,8 @@ impl Abandon {
     async fn now(&mut self) -> bool {
         self.armed = false;
         let job = self.job();
-        if job.attempt(2).await {
+        // Finishing work: the line behind our keys waits for them to go.
+        if crate::admission::finishing(job.attempt(2)).await {
             return true;
         }
         self.service.tasks.spawn(job.until_confirmed());

@@ -57,6 +57,8 @@ struct Inner {
     generation: watch::Sender<u64>,
     /// Numbers subscriptions.
     next_id: std::sync::atomic::AtomicU64,
+    /// Fault injection ([`Wakeups::miss_every_wakeup`]).
+    deaf: std::sync::atomic::AtomicBool,
 }
 
 /// One lock's deletions and the waiters interested in them.
@@ -158,6 +160,14 @@ impl Subscription {
 
     /// Waits until a watched key is deleted, or the watch was re-established.
     pub async fn next(&mut self) -> Wakeup {
+        if self
+            .wakeups
+            .inner
+            .deaf
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return std::future::pending().await;
+        }
         tokio::select! {
             _ = self.notify.notified() => Wakeup::Watched,
             changed = self.generation.changed() => {
@@ -188,6 +198,14 @@ impl Drop for Subscription {
 }
 
 impl Wakeups {
+    /// Fault injection, for tests: from now on no subscription hears a wake-up (a waiter finds
+    /// its turn only when it re-reads), as when wake-ups come later than waiters' deadlines.
+    pub fn miss_every_wakeup(&self) {
+        self.inner
+            .deaf
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Every lock's routes on this server, locked. Held only for map updates, never across an
     /// await.
     fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, LockRoutes>> {

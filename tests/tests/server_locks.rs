@@ -405,3 +405,62 @@ async fn a_refused_try_writes_nothing() -> Result<()> {
     assert_eq!(granted, 1, "exactly one of the tries holds");
     Ok(())
 }
+
+/// A waiter whose turn came while its wake-up was still on its way is granted at its deadline,
+/// not turned away: at the deadline it looks once more. The server here misses every wake-up,
+/// the extreme of wake-ups that arrive late under load. Without that last look, each head of a
+/// busy line gave up before it learned it was the head, and a lock went to nobody for as long
+/// as the line stayed busy (the 5x flash sale's last seat, for 13 s).
+#[tokio::test]
+async fn a_waiter_whose_turn_came_unheard_is_granted_at_its_deadline() -> Result<()> {
+    leasehold_tests::init_logging();
+    let etcd = EtcdCluster::start(1).await?;
+    let mut config = leasehold_server::Config::default().with_etcd_endpoints(etcd.endpoints());
+    config.fault_waiters_miss_wakeups = true;
+    let server = TestServer::start_with(config).await?;
+    let api = Api::new(server.url());
+
+    let holder = api.grant("10s").await?;
+    let (status, held) = api
+        .post("/v1/locks/last-seat/acquire", json!({"lease_id": holder}))
+        .await?;
+    assert_eq!(status, 200, "{held}");
+    let waiter = api.grant("10s").await?;
+    let waiting = tokio::spawn({
+        let api = api.clone();
+        async move {
+            api.post(
+                "/v1/locks/last-seat/acquire",
+                json!({"lease_id": waiter, "wait": "1s"}),
+            )
+            .await
+        }
+    });
+    wait_for_waiters(&api, "last-seat", 1).await?;
+    let (status, body) = api
+        .post(
+            "/v1/locks/last-seat/release",
+            json!({"token": token(&held)}),
+        )
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    let (status, granted) = waiting.await??;
+    assert_eq!(
+        status, 200,
+        "the waiter's turn came before its deadline: {granted}"
+    );
+    assert!(token(&granted) > token(&held));
+
+    // A waiter whose turn does not come is still turned away at its deadline, its key gone.
+    let third = api.grant("10s").await?;
+    let (status, body) = api
+        .post(
+            "/v1/locks/last-seat/acquire",
+            json!({"lease_id": third, "wait": "300ms"}),
+        )
+        .await?;
+    assert_eq!(status, 409, "{body}");
+    let (_, lock) = api.get("/v1/locks/last-seat").await?;
+    assert_eq!(lock["waiters"], 0, "{lock}");
+    Ok(())
+}

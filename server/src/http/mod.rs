@@ -26,6 +26,7 @@ use utoipa::{OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::admission::RequestKind;
 use crate::metrics;
 use crate::service::Service;
 use axum::extract::MatchedPath;
@@ -170,12 +171,24 @@ async fn observe(request: Request, next: Next) -> Response {
     });
     let _ = span.set_parent(parent);
     let started = std::time::Instant::now();
-    // Only requests that add work may be shed; releases, renewals and keep-alives finish it.
-    let sheddable = method == axum::http::Method::POST
-        && (route == "/v1/leases" || route.ends_with("/acquire"));
+    // Only requests that add work may be shed; releases, renewals, keep-alives and revokes
+    // finish it, and go first.
+    let kind = if method == axum::http::Method::POST
+        && (route == "/v1/leases" || route.ends_with("/acquire"))
+    {
+        RequestKind::AddsWork
+    } else if method == axum::http::Method::DELETE
+        || (method == axum::http::Method::POST
+            && ["/release", "/renew", "/keepalive", "/resign"]
+                .iter()
+                .any(|end| route.ends_with(end)))
+    {
+        RequestKind::FinishesWork
+    } else {
+        RequestKind::Other
+    };
     let response =
-        crate::admission::request_scope(sheddable, next.run(request).instrument(span.clone()))
-            .await;
+        crate::admission::request_scope(kind, next.run(request).instrument(span.clone())).await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     span.record("http.status", status);
