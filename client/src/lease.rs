@@ -376,7 +376,9 @@ impl Lease {
     }
 
     /// Waits until no acquire, release or clean-up of lock `name` under this lease is under way
-    /// in this process (the clean-up of a cancelled acquire runs in the background).
+    /// in this process (the clean-up of a cancelled acquire runs in the background). Only the
+    /// CLI needs it.
+    #[cfg(feature = "cli")]
     pub(crate) async fn settled(&self, name: &str) {
         drop(self.slots.take(name).await);
     }
