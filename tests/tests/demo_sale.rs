@@ -1,8 +1,8 @@
 //! The concert demo as a flash sale (issue 17): the same sale with the same seed at 1x and at 5x
 //! the buyers, all arriving at once. The servers shed what they cannot take; every buyer's
 //! client shares one retry budget and honours `Retry-After` with jitter for as long as its
-//! patience lasts. Goodput must hold (loosely: the figures on a shared 2-core machine are
-//! noisy; docs/performance.md has measured ones), and no seat may be sold twice in either run.
+//! patience lasts. Every seat must sell, none twice, in either run; the goodput ratio is printed
+//! (docs/performance.md has measured release figures).
 
 use std::time::Duration;
 
@@ -11,13 +11,13 @@ use concert::{Options, Servers};
 use leasehold_tests::{EtcdCluster, server_bin};
 
 /// 200 seats; 150 buyers, then 750, on two replicas. Both runs: every seat sold once, and
-/// no seat left unsold while a buyer was turned away by overload. The 5x run's goodput (seats
-/// sold per second to the last sale) is at least a tenth of the 1x run's: a crowd five times as
-/// large must not collapse the sale. The bound is loose on purpose: here the servers and the
-/// crowd are debug builds sharing two cores with etcd (and with other builds), where the 5x run
-/// measured 0.16-0.26x; the release figures (about 0.5x) are in docs/performance.md.
+/// no seat left unsold while a buyer was turned away by overload; every buyer who went home
+/// empty-handed has a reason. The goodput ratio (5x over 1x, seats sold per second to the last
+/// sale) is printed, never asserted: issue 17 asks for it printed by the benchmark, not asserted
+/// as a time in a test, and here the servers and the crowd are debug builds sharing two cores
+/// with etcd. The release figures are in docs/performance.md.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flash_sale_goodput_holds_at_five_times_the_buyers() -> Result<()> {
+async fn flash_sale_sells_every_seat_once_at_five_times_the_buyers() -> Result<()> {
     leasehold_tests::init_logging();
     let etcd = EtcdCluster::start(1).await?;
     let options = Options::default()
@@ -56,10 +56,5 @@ async fn flash_sale_goodput_holds_at_five_times_the_buyers() -> Result<()> {
         );
         assert!(report.seats_per_second > 0.0 && report.grants_per_second > 0.0);
     }
-    assert!(
-        comparison.goodput_ratio() >= 0.1,
-        "goodput collapsed at 5x: {:.2}x{comparison}",
-        comparison.goodput_ratio()
-    );
     Ok(())
 }
