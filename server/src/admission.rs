@@ -81,21 +81,25 @@ const BASELINE_WINDOW: Duration = Duration::from_secs(10);
 /// The most calls that may queue, whatever the estimate of their wait (a bound on memory).
 const MAX_QUEUE: usize = 4 * MAX_LIMIT as usize;
 
-/// Which queueing rule applies to a call.
+/// Which queueing rule applies to a call. The classes are tiers, first served first: a call
+/// queues behind every call of its own tier and of the tiers above it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
-    /// The first etcd call of a new request that opens a lease: served only when no other call
-    /// waits, shed if it would queue too long.
-    NewSession,
-    /// The first etcd call of a new request under an existing lease: shed if it would queue too
-    /// long.
-    NewRequest,
-    /// A later call of an admitted request: queue until served, after finishing work.
-    Admitted,
     /// Work that ends or keeps up what is held or queued: calls of a request that finishes work,
     /// a wait's clean-up, background work. Queue until served, first.
     Finishing,
+    /// A later call of an admitted request: queue until served, after finishing work.
+    Admitted,
+    /// The first etcd call of a new request under an existing lease: shed if it would queue too
+    /// long.
+    NewRequest,
+    /// The first etcd call of a new request that opens a lease: served only when no other call
+    /// waits, shed if it would queue too long.
+    NewSession,
 }
+
+/// How many tiers ([`Class`]) there are.
+const TIERS: usize = 4;
 
 /// What a request does to etcd's work, which decides how its calls queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,13 +152,7 @@ pub async fn request_scope<F: Future>(kind: RequestKind, request: F) -> F::Outpu
 
 /// Runs `work` (the clean-up of a wait that ended) as finishing work: never shed, first.
 pub async fn finishing<F: Future>(work: F) -> F::Output {
-    let state = RequestState {
-        first_call_pending: false,
-        patience: Duration::ZERO,
-        opens_session: false,
-        finishing: true,
-    };
-    REQUEST.scope(std::cell::Cell::new(state), work).await
+    request_scope(RequestKind::FinishesWork, work).await
 }
 
 /// The current request asked to wait up to `wait` (an acquire in line): its first etcd call may
@@ -212,15 +210,9 @@ pub struct Admission {
 struct State {
     limit: f64,
     in_flight: usize,
-    /// Waiting finishing work, oldest first: served before anything else.
-    finishing: VecDeque<oneshot::Sender<()>>,
-    /// Waiting later calls of admitted requests, oldest first: served next.
-    admitted: VecDeque<oneshot::Sender<()>>,
-    /// Waiting first calls of new requests, oldest first (a sender is dropped when its waiter
-    /// gave up): served next.
-    queue: VecDeque<oneshot::Sender<()>>,
-    /// Waiting new sessions, oldest first: served only when `queue` is empty.
-    sessions: VecDeque<oneshot::Sender<()>>,
+    /// Waiting calls, one queue per tier (indexed by [`Class`], first served first), oldest
+    /// first in each; a sender is dropped when its waiter gave up.
+    queues: [VecDeque<oneshot::Sender<()>>; TIERS],
     /// Short-term average latency of etcd calls, in seconds (0 before the first).
     short_rtt: f64,
     /// The lowest `short_rtt` of the current baseline window, and of the one before.
@@ -241,10 +233,7 @@ impl Default for Admission {
             inner: Arc::new(Mutex::new(State {
                 limit: INITIAL_LIMIT,
                 in_flight: 0,
-                finishing: VecDeque::new(),
-                admitted: VecDeque::new(),
-                queue: VecDeque::new(),
-                sessions: VecDeque::new(),
+                queues: Default::default(),
                 short_rtt: 0.0,
                 window_min: f64::INFINITY,
                 previous_min: f64::INFINITY,
@@ -265,13 +254,11 @@ impl Admission {
         let waiting = {
             let mut state = self.state();
             let free = state.in_flight < state.limit as usize;
-            // Calls a new arrival of this class would queue behind.
-            let ahead = match class {
-                Class::NewSession => state.queued(),
-                Class::NewRequest => state.queued() - state.sessions.len(),
-                Class::Admitted => state.finishing.len() + state.admitted.len(),
-                Class::Finishing => state.finishing.len(),
-            };
+            // Calls a new arrival of this class would queue behind: its tier and those above.
+            let ahead: usize = state.queues[..=class as usize]
+                .iter()
+                .map(VecDeque::len)
+                .sum();
             if free && ahead == 0 {
                 state.in_flight += 1;
                 None
@@ -284,12 +271,7 @@ impl Admission {
                 return Err(Shed);
             } else {
                 let (tx, rx) = oneshot::channel();
-                match class {
-                    Class::NewSession => state.sessions.push_back(tx),
-                    Class::NewRequest => state.queue.push_back(tx),
-                    Class::Admitted => state.admitted.push_back(tx),
-                    Class::Finishing => state.finishing.push_back(tx),
-                }
+                state.queues[class as usize].push_back(tx);
                 metrics::admission(state.limit, state.queued());
                 Some(rx)
             }
@@ -319,17 +301,11 @@ impl Admission {
         })
     }
 
-    /// Frees a slot: hands it to the oldest live waiter of the first class that has one
+    /// Frees a slot: hands it to the oldest live waiter of the first tier that has one
     /// (finishing work, admitted requests, new requests, new sessions), or returns it.
     fn release(&self) {
         let mut state = self.state();
-        let state = &mut *state;
-        for queue in [
-            &mut state.finishing,
-            &mut state.admitted,
-            &mut state.queue,
-            &mut state.sessions,
-        ] {
+        for queue in &mut state.queues {
             while let Some(next) = queue.pop_front() {
                 if next.send(()).is_ok() {
                     return; // the slot passes on; in_flight is unchanged
@@ -380,7 +356,7 @@ impl Admission {
 impl State {
     /// Calls queued, of every class.
     fn queued(&self) -> usize {
-        self.finishing.len() + self.admitted.len() + self.queue.len() + self.sessions.len()
+        self.queues.iter().map(VecDeque::len).sum()
     }
 
     /// About how long `ahead` queued calls take to get their slots: the limit's worth of calls

@@ -41,8 +41,8 @@ pub struct Args {
     #[arg(long, env = "LEASEHOLD_ETCD_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub etcd_timeout: Duration,
     /// Send txns about different locks to etcd as one txn when they arrive together (group
-    /// commit). Cuts etcd's CPU per lock operation under load; off by default (a flash sale at 5x
-    /// its capacity had slow tails with it, see docs/performance.md).
+    /// commit). Cuts etcd's CPU per lock operation under load; off by default (it brings nothing
+    /// to a flash sale at 5x its capacity, see docs/performance.md).
     #[arg(
         long,
         env = "LEASEHOLD_GROUP_COMMIT",
