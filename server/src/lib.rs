@@ -111,7 +111,7 @@ pub struct Config {
     pub tls: Option<http::tls::TlsFiles>,
     /// How to reach etcd securely: TLS (CA, client certificate) and user/password.
     pub etcd_security: EtcdSecurity,
-    /// Group commit (`batch.rs`): send txns about different locks as one etcd txn. Off by
+    /// Group commit (`batch.rs`): send txns about different locks as one etcd txn. On by
     /// default: see `docs/performance.md`, "Group commit".
     pub group_commit: bool,
     /// Fault injection, for tests only (no command-line flag): waiters hear no wake-up, and find
@@ -146,7 +146,7 @@ impl Default for Config {
             auth_file: None,
             tls: None,
             etcd_security: EtcdSecurity::default(),
-            group_commit: false,
+            group_commit: true,
             fault_waiters_miss_wakeups: false,
         }
     }
