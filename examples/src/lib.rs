@@ -117,7 +117,11 @@ impl Default for Options {
             chaos: false,
             seed: 2026,
             ledger: None,
-            ttl: Duration::from_secs(10),
+            // Redisson's lock watchdog default; etcd's sessions default to 60 s. Each renewal costs
+            // the servers two etcd calls, and in a sale at five times the servers' capacity the
+            // renewals of sessions whose buyers sit out a backoff were the largest share of
+            // etcd's work at 10 s (docs/performance.md, "Fifth pass").
+            ttl: Duration::from_secs(30),
             stall_ttl: Duration::from_secs(2),
             wait: Duration::from_millis(250),
             progress: false,

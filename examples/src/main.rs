@@ -70,8 +70,8 @@ struct Args {
     /// The ledger database (SQLite); a temporary file by default.
     #[arg(long)]
     ledger: Option<PathBuf>,
-    /// Lease TTL of buyers' sessions (humantime).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// Lease TTL of buyers' sessions (humantime); renewed every third of it.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     ttl: Duration,
     /// Lease TTL of the buyers who stall in --chaos; they stall for longer (humantime).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
