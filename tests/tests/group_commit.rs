@@ -14,6 +14,10 @@ use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Held by every test here: the metrics recorder is process-wide, and a batch another test formed
+/// meanwhile (`commit` counts its batches too) must not count as the server's.
+static METRICS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Creates `key` if it does not exist, reading it back either way.
 fn create(key: &str, lease: Option<i64>) -> Txn {
     let options = lease.map(|id| PutOptions::new().with_lease(id));
@@ -32,6 +36,7 @@ fn created_at(answer: &TxnResponse) -> i64 {
 
 #[tokio::test]
 async fn txns_about_different_locks_commit_as_one_request_with_their_own_answers() -> Result<()> {
+    let _metrics = METRICS.lock().await;
     let etcd = EtcdCluster::start(1).await?;
     let mut client = etcd.client().await?;
     client.put("taken", "x", None).await?;
@@ -61,6 +66,7 @@ async fn txns_about_different_locks_commit_as_one_request_with_their_own_answers
 
 #[tokio::test]
 async fn a_batch_etcd_refuses_whole_is_run_txn_by_txn() -> Result<()> {
+    let _metrics = METRICS.lock().await;
     let etcd = EtcdCluster::start(1).await?;
     let mut client = etcd.client().await?;
 
@@ -113,6 +119,7 @@ async fn a_batch_etcd_refuses_whole_is_run_txn_by_txn() -> Result<()> {
 /// one batch would share a revision).
 #[tokio::test]
 async fn acquires_of_one_lock_never_share_a_batch() -> Result<()> {
+    let _metrics = METRICS.lock().await;
     let etcd = EtcdCluster::start(1).await?;
     let mut config = leasehold_server::Config::default().with_etcd_endpoints(etcd.endpoints());
     config.group_commit = true;
