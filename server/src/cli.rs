@@ -54,6 +54,11 @@ pub struct Args {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub group_commit: bool,
+    /// Sessions (leases granted with POST /v1/leases) open through this server at once; past it
+    /// new ones are answered 503 overloaded with Retry-After, as a waiting room lets buyers in as
+    /// others leave. 0: no bound.
+    #[arg(long, env = "LEASEHOLD_MAX_SESSIONS", default_value_t = 0)]
+    pub max_sessions: usize,
     /// Open connections at most; more are answered 503 too_many_connections.
     #[arg(long, env = "LEASEHOLD_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
@@ -135,6 +140,7 @@ impl Args {
             .with_limits(self.max_ttl, self.max_wait)
             .with_connection_limits(self.max_connections, self.header_timeout);
         config.group_commit = self.group_commit;
+        config.max_sessions = self.max_sessions;
         if let Some(path) = &self.auth_file {
             config = config.with_auth_file(path);
         }

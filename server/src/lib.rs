@@ -47,6 +47,7 @@ mod lock;
 pub mod metrics;
 mod queue;
 mod service;
+mod sessions;
 mod store;
 mod telemetry;
 mod tenants;
@@ -114,6 +115,9 @@ pub struct Config {
     /// Group commit (`batch.rs`): send txns about different locks as one etcd txn. On by
     /// default: see `docs/performance.md`, "Group commit".
     pub group_commit: bool,
+    /// Sessions (leases granted with `POST /v1/leases`) open through this replica at once; past
+    /// it new ones are shed (`sessions.rs`). 0: no bound.
+    pub max_sessions: usize,
     /// Fault injection, for tests only (no command-line flag): waiters hear no wake-up, and find
     /// their turn only by re-reading, as when wake-ups arrive after a waiter's deadline under
     /// load.
@@ -147,6 +151,7 @@ impl Default for Config {
             tls: None,
             etcd_security: EtcdSecurity::default(),
             group_commit: true,
+            max_sessions: 0,
             fault_waiters_miss_wakeups: false,
         }
     }
@@ -289,6 +294,7 @@ pub async fn run(
             max_wait: config.max_wait,
         },
         tenants: tenants.clone(),
+        sessions: sessions::SessionCap::new(config.max_sessions),
     };
     let reload = tokio::spawn(reload_on_sighup(tenants, tls.clone()));
     let stopped_by_conflict = conflict.clone();

@@ -102,6 +102,10 @@ fn describe() {
         "Acquires currently waiting in a lock's queue on this server."
     );
     describe_gauge!(
+        "leasehold_sessions_open",
+        "Sessions open through this server, counted against --max-sessions (tracked only with it)."
+    );
+    describe_gauge!(
         "leasehold_etcd_up",
         "1 if the last etcd call got an answer, else 0."
     );
@@ -240,6 +244,11 @@ pub fn shed() {
 /// Records an etcd call refused by etcd with "too many requests".
 pub fn etcd_overloaded() {
     counter!("leasehold_etcd_overloaded_total").increment(1);
+}
+
+/// Records how many sessions are open through this server (`--max-sessions`).
+pub fn sessions_open(open: usize) {
+    gauge!("leasehold_sessions_open").set(open as f64);
 }
 
 /// Records the admission limit and queue length.

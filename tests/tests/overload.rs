@@ -147,3 +147,42 @@ fn retry_after(outcome: &str) -> Option<Duration> {
     let secs = outcome.split("retry-after=").nth(1)?.parse().ok()?;
     Some(Duration::from_secs(secs))
 }
+
+/// `--max-sessions`: past the bound, a new session is shed (`503 overloaded` with
+/// `Retry-After`) before anything reaches etcd, and a revoke makes room for the next.
+#[tokio::test]
+async fn sessions_past_the_bound_are_shed_until_one_is_revoked() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let mut config = leasehold_server::Config::default().with_etcd_endpoints(etcd.endpoints());
+    config.max_sessions = 2;
+    let server = leasehold_tests::TestServer::start_with(config).await?;
+    let api = Api::new(server.url());
+    let first = api.grant("30s").await?;
+    api.grant("30s").await?;
+    let mut etcd_client = etcd.client().await?;
+    let before = leasehold_tests::revision(&mut etcd_client).await?;
+
+    let response = api
+        .http()
+        .post(format!("{}/v1/leases", api.base()))
+        .json(&json!({"ttl": "30s"}))
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    let retry_after = response.headers().get("retry-after").cloned();
+    let body: Value = response.json().await?;
+    ensure!(
+        status == 503 && body["error"]["code"] == "overloaded",
+        "a third session: {status} {body}"
+    );
+    ensure!(retry_after.is_some(), "shed without Retry-After");
+    ensure!(
+        leasehold_tests::revision(&mut etcd_client).await? == before,
+        "a shed session wrote to etcd"
+    );
+
+    let (status, body) = api.delete(&format!("/v1/leases/{first}")).await?;
+    ensure!(status == 204, "revoke: {status} {body}");
+    api.grant("30s").await.context("a session after a revoke")?;
+    Ok(())
+}

@@ -1,5 +1,7 @@
 //! `/v1/leases` routes.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -10,6 +12,7 @@ use super::AppState;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{Caller, Fields, JsonObject, LeaseIdPath, MaybeHandle};
 use crate::keys::LeaseId;
+use crate::service::ServiceError;
 
 /// Adds the lease id to the request's span.
 fn record_lease(lease: LeaseId) {
@@ -91,12 +94,23 @@ pub async fn grant_lease(
         .ttl(&state.limits)?
         .ok_or_else(|| ApiError::InvalidTtl("`ttl` is required".into()))?;
     let owner = fields.owner()?;
-    // A new session: let in after the work of open ones.
+    // A new session: let in after the work of open ones, and only while fewer than
+    // `--max-sessions` are open here.
     crate::admission::opens_session();
+    if !state.sessions.has_room() {
+        crate::metrics::shed();
+        return Err(ServiceError::Overloaded(
+            "this server has its --max-sessions open; retry later".into(),
+        )
+        .into());
+    }
     let lease = state
         .service
         .grant_lease(&tenant, ttl, owner, handle)
         .await?;
+    state
+        .sessions
+        .opened(lease.lease_id, Duration::from_millis(lease.ttl_ms));
     record_lease(lease.lease_id);
     Ok((
         StatusCode::CREATED,
@@ -129,6 +143,7 @@ pub async fn keep_lease_alive(
     record_lease(lease);
     let auth = handle.require_for(&tenant, lease)?;
     let ttl_ms = state.service.keep_lease_alive(&auth).await?;
+    state.sessions.renewed(lease, Duration::from_millis(ttl_ms));
     Ok(Json(KeepAliveResponse {
         lease_id: lease.to_string(),
         ttl_ms,
@@ -180,6 +195,7 @@ pub async fn revoke_lease(
     record_lease(lease);
     let auth = handle.require_for(&tenant, lease)?;
     state.service.revoke_lease(&auth).await?;
+    state.sessions.closed(lease);
     Ok(StatusCode::NO_CONTENT)
 }
 

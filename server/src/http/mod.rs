@@ -44,6 +44,8 @@ pub struct AppState {
     pub limits: Limits,
     /// Who may call, by bearer token (open when the server has no auth file).
     pub tenants: crate::tenants::Tenants,
+    /// The bound on sessions open through this replica (`--max-sessions`).
+    pub(crate) sessions: crate::sessions::SessionCap,
 }
 
 #[derive(OpenApi)]
