@@ -98,6 +98,14 @@ pub enum Class {
     NewSession,
 }
 
+impl Class {
+    /// Whether a call of this class may be shed (the first call of a new request) rather than
+    /// queue until served.
+    fn may_be_shed(self) -> bool {
+        matches!(self, Class::NewRequest | Class::NewSession)
+    }
+}
+
 /// How many tiers ([`Class`]) there are.
 const TIERS: usize = 4;
 
@@ -262,7 +270,7 @@ impl Admission {
             if free && ahead == 0 {
                 state.in_flight += 1;
                 None
-            } else if matches!(class, Class::NewSession | Class::NewRequest)
+            } else if class.may_be_shed()
                 && (ahead >= MAX_QUEUE || state.drain_time(ahead) > patience)
             {
                 // The queue ahead would take longer to drain than the request may wait.
@@ -277,21 +285,16 @@ impl Admission {
             }
         };
         if let Some(mut turn) = waiting {
-            match class {
-                Class::NewSession | Class::NewRequest => {
-                    if tokio::time::timeout(patience, &mut turn).await.is_err() {
-                        turn.close();
-                        // A slot handed over just as we gave up is ours: give it back.
-                        if turn.try_recv().is_ok() {
-                            self.release();
-                        }
-                        metrics::shed();
-                        return Err(Shed);
-                    }
+            if !class.may_be_shed() {
+                let _ = turn.await;
+            } else if tokio::time::timeout(patience, &mut turn).await.is_err() {
+                turn.close();
+                // A slot handed over just as we gave up is ours: give it back.
+                if turn.try_recv().is_ok() {
+                    self.release();
                 }
-                Class::Admitted | Class::Finishing => {
-                    let _ = turn.await;
-                }
+                metrics::shed();
+                return Err(Shed);
             }
         }
         mark_admitted();
@@ -471,6 +474,29 @@ mod tests {
         assert_eq!(admission.snapshot().0, MIN_LIMIT as usize);
     }
 
+    /// The labels of the calls served, in order.
+    type Served = Arc<Mutex<Vec<&'static str>>>;
+
+    /// Spawns one call of a request of `kind` (opening a session if `opens`) that waits for a
+    /// slot, then records `label` in `served` and holds its permit until the task is awaited.
+    fn queue_call(
+        admission: &Admission,
+        served: &Served,
+        label: &'static str,
+        kind: RequestKind,
+        opens: bool,
+    ) -> tokio::task::JoinHandle<Result<Permit, Shed>> {
+        let (admission, served) = (admission.clone(), served.clone());
+        tokio::spawn(request_scope(kind, async move {
+            if opens {
+                opens_session();
+            }
+            let permit = admission.admit().await?;
+            served.lock().unwrap().push(label);
+            Ok(permit)
+        }))
+    }
+
     /// A freed slot goes to queued work of open sessions before a new session that queued
     /// earlier; the new session gets the next one.
     #[tokio::test]
@@ -478,21 +504,16 @@ mod tests {
         let admission = Admission::default();
         let limit = admission.snapshot().0;
         let mut held = futures_held(&admission, limit).await;
-        let served = Arc::new(Mutex::new(Vec::new()));
-        let queue = |label: &'static str, opens: bool| {
-            let (admission, served) = (admission.clone(), served.clone());
-            tokio::spawn(request_scope(RequestKind::AddsWork, async move {
-                if opens {
-                    opens_session();
-                }
-                let permit = admission.admit().await?;
-                served.lock().unwrap().push(label);
-                Ok::<_, Shed>(permit)
-            }))
-        };
-        let session = queue("new session", true);
+        let served = Served::default();
+        let session = queue_call(
+            &admission,
+            &served,
+            "new session",
+            RequestKind::AddsWork,
+            true,
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let acquire = queue("acquire", false);
+        let acquire = queue_call(&admission, &served, "acquire", RequestKind::AddsWork, false);
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(admission.snapshot().1, 2, "both queued");
         drop(held.pop());
@@ -510,18 +531,22 @@ mod tests {
         let admission = Admission::default();
         let limit = admission.snapshot().0;
         let mut held = futures_held(&admission, limit).await;
-        let served = Arc::new(Mutex::new(Vec::new()));
-        let queue = |label: &'static str, kind: RequestKind| {
-            let (admission, served) = (admission.clone(), served.clone());
-            tokio::spawn(request_scope(kind, async move {
-                let permit = admission.admit().await?;
-                served.lock().unwrap().push(label);
-                Ok::<_, Shed>(permit)
-            }))
-        };
-        let new = queue("new acquire", RequestKind::AddsWork);
+        let served = Served::default();
+        let new = queue_call(
+            &admission,
+            &served,
+            "new acquire",
+            RequestKind::AddsWork,
+            false,
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let admitted = queue("status read", RequestKind::Other);
+        let admitted = queue_call(
+            &admission,
+            &served,
+            "status read",
+            RequestKind::Other,
+            false,
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
         let clean_up = tokio::spawn({
             let (admission, served) = (admission.clone(), served.clone());
@@ -539,7 +564,13 @@ mod tests {
             }
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let release = queue("release", RequestKind::FinishesWork);
+        let release = queue_call(
+            &admission,
+            &served,
+            "release",
+            RequestKind::FinishesWork,
+            false,
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(admission.snapshot().1, 4, "all queued");
         // One slot at a time, each handed over before the next is freed.
