@@ -1,7 +1,14 @@
 //! A bound on the sessions (leases granted with `POST /v1/leases`) open through this replica at
-//! once: `--max-sessions`, off by default. Past it, a new session is answered `503 overloaded`
-//! with `Retry-After` before anything reaches etcd, as a ticketing site's waiting room lets
-//! buyers in as others leave.
+//! once: `--max-sessions`, off by default. Past it, a new session waits, in arrival order and
+//! costing etcd nothing, for a place to free (a session revoked, or expired unrenewed) for up
+//! to [`WAITING_ROOM`]; one that gets no place in that time is answered `503 overloaded` with
+//! `Retry-After`, before anything reached etcd. A ticketing site's waiting room lets buyers in
+//! as others leave in the same way.
+//!
+//! A place is taken when the grant starts, not when it ends: a stampede of grants arriving
+//! together cannot all see room before the first is counted. Waiting, rather than shedding at
+//! once, keeps the room full: a buyer turned away sleeps out its `Retry-After` and backoff
+//! (seconds), while the places that free meanwhile would stay empty.
 //!
 //! Why a count of sessions and not only the admission limit on etcd calls in flight
 //! (`admission.rs`): a session admitted in a quiet moment goes on adding work for its whole life
@@ -21,9 +28,19 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::keys::LeaseId;
+
+/// How long a new session may wait for a place before it is shed. Well inside a client's
+/// usual request timeout (5 s in the Rust client), leaving it time for the grant itself.
+pub const WAITING_ROOM: Duration = Duration::from_secs(2);
+
+/// How often, at most, open sessions are checked for expiry: a session whose client vanished
+/// without revoking it frees its place within this much of its TTL running out, once someone
+/// waits for a place.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
 /// The sessions open through this replica, and how many may be. Cheap to clone.
 #[derive(Clone, Default)]
@@ -33,10 +50,22 @@ pub struct SessionCap {
 }
 
 struct Cap {
-    max: usize,
-    /// Open sessions and when each stops counting unless renewed.
-    open: Mutex<HashMap<LeaseId, Instant>>,
+    /// One permit per place; waiters are served in arrival order (tokio's semaphore is fair).
+    places: Arc<Semaphore>,
+    state: Mutex<Open>,
 }
+
+#[derive(Default)]
+struct Open {
+    /// Open sessions: when each stops counting unless renewed, and the place it holds.
+    sessions: HashMap<LeaseId, (Instant, OwnedSemaphorePermit)>,
+    /// When expired sessions were last let go.
+    swept: Option<Instant>,
+}
+
+/// A place taken for a session being granted: it becomes the session's with
+/// [`SessionCap::opened`]; dropped (the grant failed), it is free again.
+pub struct Place(Option<OwnedSemaphorePermit>);
 
 impl SessionCap {
     /// At most `max` sessions open at once; 0: no bound.
@@ -44,52 +73,88 @@ impl SessionCap {
         Self {
             inner: (max > 0).then(|| {
                 Arc::new(Cap {
-                    max,
-                    open: Mutex::new(HashMap::new()),
+                    places: Arc::new(Semaphore::new(max)),
+                    state: Mutex::new(Open::default()),
                 })
             }),
         }
     }
 
-    /// Whether a new session may open now.
-    pub fn has_room(&self) -> bool {
+    /// A place for a new session: at once if one is free, else the first to free within
+    /// `patience`, in arrival order; `None` if none did (shed the session).
+    pub async fn admit(&self, patience: Duration) -> Option<Place> {
         let Some(cap) = &self.inner else {
-            return true;
+            return Some(Place(None));
         };
-        let mut open = cap.open.lock().expect("session cap lock");
-        if open.len() >= cap.max {
-            let now = Instant::now();
-            open.retain(|_, until| *until > now);
+        let deadline = Instant::now() + patience;
+        loop {
+            if let Ok(place) = Arc::clone(&cap.places).try_acquire_owned() {
+                return Some(Place(Some(place)));
+            }
+            // Expired sessions free their places here: they are noticed only when someone
+            // needs one (a background task would do the same work when nobody does).
+            if cap.sweep() > 0 {
+                continue;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let wait = Arc::clone(&cap.places).acquire_owned();
+            if let Ok(place) = tokio::time::timeout(left.min(SWEEP_EVERY), wait).await {
+                return Some(Place(Some(place.expect("the semaphore is never closed"))));
+            }
         }
-        crate::metrics::sessions_open(open.len());
-        open.len() < cap.max
     }
 
-    /// `lease` was granted with `ttl`: it counts until revoked, or until `ttl` passes unrenewed.
-    pub fn opened(&self, lease: LeaseId, ttl: Duration) {
-        if let Some(cap) = &self.inner {
-            let mut open = cap.open.lock().expect("session cap lock");
-            open.insert(lease, Instant::now() + ttl);
-            crate::metrics::sessions_open(open.len());
+    /// The session granted in `place` is `lease`, with `ttl`: it holds the place until revoked,
+    /// or until `ttl` passes unrenewed.
+    pub fn opened(&self, place: Place, lease: LeaseId, ttl: Duration) {
+        if let (Some(cap), Place(Some(permit))) = (&self.inner, place) {
+            let mut open = cap.state.lock().expect("session cap lock");
+            open.sessions.insert(lease, (Instant::now() + ttl, permit));
+            crate::metrics::sessions_open(open.sessions.len());
         }
     }
 
     /// `lease` was kept alive for `ttl` more: it counts that much longer, if it counts here.
     pub fn renewed(&self, lease: LeaseId, ttl: Duration) {
         if let Some(cap) = &self.inner
-            && let Some(until) = cap.open.lock().expect("session cap lock").get_mut(&lease)
+            && let Some((until, _)) = cap
+                .state
+                .lock()
+                .expect("session cap lock")
+                .sessions
+                .get_mut(&lease)
         {
             *until = Instant::now() + ttl;
         }
     }
 
-    /// `lease` was revoked: it no longer counts.
+    /// `lease` was revoked: its place is free.
     pub fn closed(&self, lease: LeaseId) {
         if let Some(cap) = &self.inner {
-            let mut open = cap.open.lock().expect("session cap lock");
-            open.remove(&lease);
-            crate::metrics::sessions_open(open.len());
+            let mut open = cap.state.lock().expect("session cap lock");
+            open.sessions.remove(&lease);
+            crate::metrics::sessions_open(open.sessions.len());
         }
+    }
+}
+
+impl Cap {
+    /// Frees the places of sessions whose TTL ran out unrenewed, unless that was done less than
+    /// [`SWEEP_EVERY`] ago; answers how many were freed.
+    fn sweep(&self) -> usize {
+        let mut open = self.state.lock().expect("session cap lock");
+        let now = Instant::now();
+        if open.swept.is_some_and(|at| now < at + SWEEP_EVERY) {
+            return 0;
+        }
+        open.swept = Some(now);
+        let before = open.sessions.len();
+        open.sessions.retain(|_, (until, _)| *until > now);
+        crate::metrics::sessions_open(open.sessions.len());
+        before - open.sessions.len()
     }
 }
 
@@ -101,34 +166,102 @@ mod tests {
         LeaseId::from_etcd(id).expect("a positive id")
     }
 
+    /// Opens `lease` in a place taken at once.
+    async fn open(cap: &SessionCap, id: i64, ttl: Duration) {
+        let place = cap.admit(Duration::ZERO).await.expect("a free place");
+        cap.opened(place, lease(id), ttl);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_session_counts_until_revoked_or_expired_unrenewed() {
         let cap = SessionCap::new(2);
         let ttl = Duration::from_secs(10);
-        cap.opened(lease(1), ttl);
-        assert!(cap.has_room());
-        cap.opened(lease(2), ttl);
-        assert!(!cap.has_room(), "two open of two");
+        open(&cap, 1, ttl).await;
+        open(&cap, 2, ttl).await;
+        assert!(cap.admit(Duration::ZERO).await.is_none(), "two open of two");
         cap.closed(lease(1));
-        assert!(cap.has_room(), "a revoke frees its place");
-        cap.opened(lease(3), ttl);
-        assert!(!cap.has_room());
+        open(&cap, 3, ttl).await; // a revoke frees its place
+        assert!(cap.admit(Duration::ZERO).await.is_none());
         tokio::time::advance(Duration::from_secs(6)).await;
         cap.renewed(lease(2), ttl);
         tokio::time::advance(Duration::from_secs(6)).await;
         // Lease 3 ran out unrenewed; lease 2 was renewed and still counts.
-        assert!(cap.has_room(), "an expired session frees its place");
-        cap.opened(lease(4), ttl);
-        assert!(!cap.has_room(), "the renewed session still counts");
+        open(&cap, 4, ttl).await;
+        assert!(
+            cap.admit(Duration::ZERO).await.is_none(),
+            "the renewed session still counts"
+        );
     }
 
-    #[test]
-    fn no_bound_by_default() {
+    #[tokio::test(start_paused = true)]
+    async fn a_place_is_taken_when_the_grant_starts_and_freed_if_it_fails() {
+        let cap = SessionCap::new(1);
+        let granting = cap.admit(Duration::ZERO).await.expect("a free place");
+        assert!(
+            cap.admit(Duration::ZERO).await.is_none(),
+            "a grant under way holds its place"
+        );
+        drop(granting); // the grant failed
+        assert!(cap.admit(Duration::ZERO).await.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_sessions_wait_in_arrival_order_for_a_place_to_free() {
+        let cap = SessionCap::new(1);
+        open(&cap, 1, Duration::from_secs(60)).await;
+        let (order, _) = tokio::sync::broadcast::channel::<u8>(4);
+        let mut waiters = Vec::new();
+        for n in 1..=2u8 {
+            let (cap, order) = (cap.clone(), order.clone());
+            waiters.push(tokio::spawn(async move {
+                let place = cap.admit(WAITING_ROOM).await;
+                if place.is_some() {
+                    let _ = order.send(n);
+                }
+                // Holds its place a moment, then lets the next one in.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                place.is_some()
+            }));
+            tokio::time::sleep(Duration::from_millis(10)).await; // arrival order
+        }
+        let mut admitted = order.subscribe();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        cap.closed(lease(1));
+        assert_eq!(admitted.recv().await.unwrap(), 1, "first come, first in");
+        assert_eq!(admitted.recv().await.unwrap(), 2);
+        for waiter in waiters {
+            assert!(waiter.await.unwrap());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_that_finds_no_place_in_the_waiting_room_is_shed() {
+        let cap = SessionCap::new(1);
+        open(&cap, 1, Duration::from_secs(60)).await;
+        let started = Instant::now();
+        assert!(cap.admit(WAITING_ROOM).await.is_none());
+        assert!(started.elapsed() >= WAITING_ROOM);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_session_gets_the_place_of_one_that_expires() {
+        let cap = SessionCap::new(1);
+        open(&cap, 1, Duration::from_secs(1)).await;
+        let started = Instant::now();
+        assert!(cap.admit(WAITING_ROOM).await.is_some());
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(1) && waited <= Duration::from_secs(1) + SWEEP_EVERY,
+            "waited {waited:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_bound_by_default() {
         let cap = SessionCap::default();
         for id in 1..=1000 {
-            cap.opened(lease(id), Duration::from_secs(60));
+            open(&cap, id, Duration::from_secs(60)).await;
         }
-        assert!(cap.has_room());
-        assert!(SessionCap::new(0).has_room());
+        assert!(SessionCap::new(0).admit(Duration::ZERO).await.is_some());
     }
 }

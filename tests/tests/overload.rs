@@ -148,10 +148,11 @@ fn retry_after(outcome: &str) -> Option<Duration> {
     Some(Duration::from_secs(secs))
 }
 
-/// `--max-sessions`: past the bound, a new session is shed (`503 overloaded` with
-/// `Retry-After`) before anything reaches etcd, and a revoke makes room for the next.
+/// `--max-sessions`: past the bound, a new session waits in the server's waiting room (costing
+/// etcd nothing) and gets the place a revoke frees; one that finds no place in time is shed
+/// (`503 overloaded` with `Retry-After`) before anything reached etcd.
 #[tokio::test]
-async fn sessions_past_the_bound_are_shed_until_one_is_revoked() -> Result<()> {
+async fn sessions_past_the_bound_wait_for_a_place_or_are_shed() -> Result<()> {
     let etcd = EtcdCluster::start(1).await?;
     let mut config = leasehold_server::Config::default().with_etcd_endpoints(etcd.endpoints());
     config.max_sessions = 2;
@@ -162,18 +163,21 @@ async fn sessions_past_the_bound_are_shed_until_one_is_revoked() -> Result<()> {
     let mut etcd_client = etcd.client().await?;
     let before = leasehold_tests::revision(&mut etcd_client).await?;
 
-    let response = api
-        .http()
-        .post(format!("{}/v1/leases", api.base()))
-        .json(&json!({"ttl": "30s"}))
-        .send()
-        .await?;
-    let status = response.status().as_u16();
-    let retry_after = response.headers().get("retry-after").cloned();
-    let body: Value = response.json().await?;
+    let grant = |http: reqwest::Client, base: String| async move {
+        let response = http
+            .post(format!("{base}/v1/leases"))
+            .json(&json!({"ttl": "30s"}))
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        let retry_after = response.headers().get("retry-after").cloned();
+        let body: Value = response.json().await?;
+        anyhow::Ok((status, retry_after, body))
+    };
+    let (status, retry_after, body) = grant(api.http().clone(), api.base().to_owned()).await?;
     ensure!(
         status == 503 && body["error"]["code"] == "overloaded",
-        "a third session: {status} {body}"
+        "a third session, no place freed: {status} {body}"
     );
     ensure!(retry_after.is_some(), "shed without Retry-After");
     ensure!(
@@ -181,8 +185,23 @@ async fn sessions_past_the_bound_are_shed_until_one_is_revoked() -> Result<()> {
         "a shed session wrote to etcd"
     );
 
+    // A fourth waits for a place; the revoke of the first lets it in.
+    let waiting = tokio::spawn(grant(api.http().clone(), api.base().to_owned()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(
+        !waiting.is_finished(),
+        "a session past the bound was answered at once"
+    );
+    ensure!(
+        leasehold_tests::revision(&mut etcd_client).await? == before,
+        "a waiting session wrote to etcd"
+    );
     let (status, body) = api.delete(&format!("/v1/leases/{first}")).await?;
     ensure!(status == 204, "revoke: {status} {body}");
-    api.grant("30s").await.context("a session after a revoke")?;
+    let (status, _, body) = waiting.await??;
+    ensure!(
+        status == 201,
+        "the waiting session after a revoke: {status} {body}"
+    );
     Ok(())
 }

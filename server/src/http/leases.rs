@@ -95,22 +95,22 @@ pub async fn grant_lease(
         .ok_or_else(|| ApiError::InvalidTtl("`ttl` is required".into()))?;
     let owner = fields.owner()?;
     // A new session: let in after the work of open ones, and only while fewer than
-    // `--max-sessions` are open here.
+    // `--max-sessions` are open here (it may wait a moment for one to close).
     crate::admission::opens_session();
-    if !state.sessions.has_room() {
+    let Some(place) = state.sessions.admit(crate::sessions::WAITING_ROOM).await else {
         crate::metrics::shed();
         return Err(ServiceError::Overloaded(
             "this server has its --max-sessions open; retry later".into(),
         )
         .into());
-    }
+    };
     let lease = state
         .service
         .grant_lease(&tenant, ttl, owner, handle)
         .await?;
     state
         .sessions
-        .opened(lease.lease_id, Duration::from_millis(lease.ttl_ms));
+        .opened(place, lease.lease_id, Duration::from_millis(lease.ttl_ms));
     record_lease(lease.lease_id);
     Ok((
         StatusCode::CREATED,
