@@ -581,8 +581,11 @@ async fn visit(shop: &Arc<Shop>, id: u32, client: &Client) -> Result<BuyerOutcom
             Some(lease) => lease,
             None => match client.grant_lease_for(shop.ttl, Some(name.clone())).await {
                 Ok(lease) => {
+                    // Let in, perhaps after seconds in the servers' waiting room: look at the
+                    // seat map again before asking for a seat it may show sold by now.
                     patience.served();
-                    &*session.insert(lease)
+                    session = Some(lease);
+                    continue;
                 }
                 Err(err) => {
                     if err.is_retryable() && patience.wait_out(asked(&err)).await {

@@ -25,6 +25,7 @@
 //! restarted replica starts from zero.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,9 +34,12 @@ use tokio::time::Instant;
 
 use crate::keys::LeaseId;
 
-/// How long a new session may wait for a place before it is shed. Well inside a client's
-/// usual request timeout (5 s in the Rust client), leaving it time for the grant itself.
-pub const WAITING_ROOM: Duration = Duration::from_secs(2);
+/// How long a new session may wait for a place before it is shed. Inside a client's usual
+/// request timeout (5 s in the Rust client), leaving it time for the grant itself. Longer is
+/// cheaper for everyone: each buyer turned away comes back after its `Retry-After` and backoff,
+/// and in the 5x flash sale those returns cost the two cores more CPU at 2 s than at 3.5 s
+/// (`docs/performance.md`, "Sixth pass").
+pub const WAITING_ROOM: Duration = Duration::from_millis(3500);
 
 /// How often, at most, open sessions are checked for expiry: a session whose client vanished
 /// without revoking it frees its place within this much of its TTL running out, once someone
@@ -53,6 +57,23 @@ struct Cap {
     /// One permit per place; waiters are served in arrival order (tokio's semaphore is fair).
     places: Arc<Semaphore>,
     state: Mutex<Open>,
+    /// Whether a waiter is on sweeping duty.
+    sweeper: AtomicBool,
+}
+
+/// Sweeping duty, held by one waiting session at a time; given up when dropped.
+struct Sweeper<'a>(&'a AtomicBool);
+
+impl<'a> Sweeper<'a> {
+    fn take(duty: &'a AtomicBool) -> Option<Self> {
+        (!duty.swap(true, Ordering::AcqRel)).then_some(Self(duty))
+    }
+}
+
+impl Drop for Sweeper<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 #[derive(Default)]
@@ -75,6 +96,7 @@ impl SessionCap {
                 Arc::new(Cap {
                     places: Arc::new(Semaphore::new(max)),
                     state: Mutex::new(Open::default()),
+                    sweeper: AtomicBool::new(false),
                 })
             }),
         }
@@ -87,23 +109,34 @@ impl SessionCap {
             return Some(Place(None));
         };
         let deadline = Instant::now() + patience;
+        // Expired sessions free their places when someone needs one (a background task would
+        // do the same work when nobody does).
+        if let Ok(place) = Arc::clone(&cap.places).try_acquire_owned() {
+            return Some(Place(Some(place)));
+        }
+        cap.sweep();
+        // In line: the wait keeps its place in the semaphore's queue until it is let in or
+        // gives up, so a place freed goes to the first in line, whoever freed it.
+        let wait = Arc::clone(&cap.places).acquire_owned();
+        tokio::pin!(wait);
+        // One waiter at a time wakes every SWEEP_EVERY to let expired sessions go; the others
+        // sleep until a place is theirs or their patience is out (thousands of waiters polling
+        // would cost the CPU that etcd and the open sessions need).
+        let sweeper = Sweeper::take(&cap.sweeper);
         loop {
-            if let Ok(place) = Arc::clone(&cap.places).try_acquire_owned() {
-                return Some(Place(Some(place)));
-            }
-            // Expired sessions free their places here: they are noticed only when someone
-            // needs one (a background task would do the same work when nobody does).
-            if cap.sweep() > 0 {
-                continue;
-            }
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            let wait = Arc::clone(&cap.places).acquire_owned();
-            if let Ok(place) = tokio::time::timeout(left.min(SWEEP_EVERY), wait).await {
+            let slice = if sweeper.is_some() {
+                left.min(SWEEP_EVERY)
+            } else {
+                left
+            };
+            if let Ok(place) = tokio::time::timeout(slice, &mut wait).await {
                 return Some(Place(Some(place.expect("the semaphore is never closed"))));
             }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            cap.sweep();
         }
     }
 
@@ -254,6 +287,22 @@ mod tests {
             waited >= Duration::from_secs(1) && waited <= Duration::from_secs(1) + SWEEP_EVERY,
             "waited {waited:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_waiter_sweeps_and_the_first_in_line_gets_the_freed_place() {
+        let cap = SessionCap::new(1);
+        open(&cap, 1, Duration::from_secs(1)).await;
+        // Each keeps the place it gets (a session granted in it).
+        let waiter = |cap: SessionCap| async move { cap.admit(WAITING_ROOM).await };
+        let first = tokio::spawn(waiter(cap.clone()));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let second = tokio::spawn(waiter(cap.clone()));
+        // The expired session's place goes to the first in line, whoever noticed the expiry;
+        // the second waits on and is shed when its patience is out.
+        let first = first.await.unwrap();
+        assert!(first.is_some(), "the first in line was let in");
+        assert!(second.await.unwrap().is_none(), "no second place freed");
     }
 
     #[tokio::test]
