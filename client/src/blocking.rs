@@ -167,6 +167,20 @@ impl Client {
         Ok(self.wrap_lease(lease))
     }
 
+    /// [`Client::grant_lease_for`] that waits up to `wait` for a place in a full waiting room
+    /// (see [`crate::Client::grant_lease_waiting`]).
+    pub fn grant_lease_waiting(
+        &self,
+        ttl: Duration,
+        owner: Option<String>,
+        wait: Duration,
+    ) -> Result<Lease, Error> {
+        let lease = self
+            .runtime
+            .block_on(self.inner.grant_lease_waiting(ttl, owner, wait))?;
+        Ok(self.wrap_lease(lease))
+    }
+
     /// Takes over keeping alive a lease granted elsewhere (see
     /// [`crate::Client::attach_lease`]).
     pub fn attach_lease(&self, id: LeaseId, handle: Handle) -> Result<Lease, Error> {

@@ -222,17 +222,43 @@ impl Client {
         ttl: Duration,
         owner: Option<String>,
     ) -> Result<Lease, Error> {
+        self.grant(ttl, owner, None).await
+    }
+
+    /// [`Client::grant_lease_for`] that waits up to `wait` for a place when the server's waiting
+    /// room is full (a server run with `--max-sessions`; others grant at once), instead of the
+    /// server's default 3.5 s: for a crowd arriving at once (an on-sale), where one long wait in
+    /// line costs everyone less than coming back again and again. The request's timeout grows by
+    /// `wait`. Past it the server answers [`Error::Overloaded`].
+    pub async fn grant_lease_waiting(
+        &self,
+        ttl: Duration,
+        owner: Option<String>,
+        wait: Duration,
+    ) -> Result<Lease, Error> {
+        self.grant(ttl, owner, Some(wait)).await
+    }
+
+    async fn grant(
+        &self,
+        ttl: Duration,
+        owner: Option<String>,
+        wait: Option<Duration>,
+    ) -> Result<Lease, Error> {
         let sent = Instant::now();
         let mut body = json!({ "ttl": humantime_ms(ttl) });
         if let Some(owner) = owner {
             body["owner"] = owner.into();
+        }
+        if let Some(wait) = wait {
+            body["wait"] = humantime_ms(wait).into();
         }
         // Idempotent: the handle is chosen here and names the lease, so a grant resent after a
         // timeout (on any replica) finds the lease its first attempt made.
         let handle = Handle::generate();
         let granted: Granted = self
             .call(Method::POST, "/v1/leases", Some(&handle), None, || {
-                (Some(body.clone()), Duration::ZERO)
+                (Some(body.clone()), wait.unwrap_or_default())
             })
             .await?;
         Ok(self.keep(granted, handle, sent))

@@ -440,6 +440,20 @@ impl Patience {
         }
     }
 
+    /// What is left of it: all of it while the servers serve the buyer.
+    fn left(&self) -> Duration {
+        self.unserved_since.map_or(self.limit, |since| {
+            self.limit.saturating_sub(since.elapsed())
+        })
+    }
+
+    /// The servers have not served the buyer since `at` (a request that waited in their line,
+    /// then was turned away).
+    fn unserved_from(&mut self, at: Instant) {
+        let since = self.unserved_since.get_or_insert(at);
+        *since = (*since).min(at);
+    }
+
     /// A server answered (a grant, or "held by someone else"): patience starts over.
     fn served(&mut self) {
         self.unserved_since = None;
@@ -599,23 +613,35 @@ async fn visit(shop: &Arc<Shop>, id: u32, client: &Client) -> Result<BuyerOutcom
         }
         let lease = match &session {
             Some(lease) => lease,
-            None => match client.grant_lease_for(shop.ttl, Some(name.clone())).await {
-                Ok(lease) => {
-                    // Let in, perhaps after seconds in the servers' waiting room: look at the
-                    // seat map again before asking for a seat it may show sold by now.
-                    patience.served();
-                    session = Some(lease);
-                    continue;
-                }
-                Err(err) => {
-                    if err.is_retryable() && patience.wait_out(asked(&err)).await {
+            None => {
+                // In a full waiting room, the buyer waits what is left of its patience in line,
+                // once, rather than coming back every few seconds (each return costs the
+                // servers' cores); time in line counts against its patience.
+                let asked_at = Instant::now();
+                match client
+                    .grant_lease_waiting(shop.ttl, Some(name.clone()), patience.left())
+                    .await
+                {
+                    Ok(lease) => {
+                        // Let in, perhaps after seconds in line: look at the seat map again
+                        // before asking for a seat it may show sold by now.
+                        patience.served();
+                        session = Some(lease);
                         continue;
                     }
-                    tracing::warn!(error = %err, buyer = id, "no session; the buyer gives up");
-                    outcome.left = Leave::Shed;
-                    break;
+                    Err(err) => {
+                        if err.is_retryable() {
+                            patience.unserved_from(asked_at);
+                            if patience.wait_out(asked(&err)).await {
+                                continue;
+                            }
+                        }
+                        tracing::warn!(error = %err, buyer = id, "no session; the buyer gives up");
+                        outcome.left = Leave::Shed;
+                        break;
+                    }
                 }
-            },
+            }
         };
         let bought = if group.is_some() {
             match shop

@@ -70,6 +70,7 @@ pub use lease::{GrantedLease, LeaseInfo};
 pub use lock::{AcquireRequest, Grant, LeaseChoice, LockStatus, LockSummary, QueueEntry, Renewal};
 pub use queue::{Granted, Kind};
 pub use service::{Holder, LeaseAuth, Service, ServiceError, ServiceInner};
+pub use sessions::WAITING_ROOM;
 pub use store::{Store, StoreError};
 pub use tenants::{Quotas, Tenant, Tenants};
 

@@ -1,9 +1,9 @@
 //! A bound on the sessions (leases granted with `POST /v1/leases`) open through this replica at
 //! once: `--max-sessions`, off by default. Past it, a new session waits, in arrival order and
 //! costing etcd nothing, for a place to free (a session revoked, or expired unrenewed) for up
-//! to [`WAITING_ROOM`]; one that gets no place in that time is answered `503 overloaded` with
-//! `Retry-After`, before anything reached etcd. A ticketing site's waiting room lets buyers in
-//! as others leave in the same way.
+//! to what its grant asked (`wait`, default [`WAITING_ROOM`]); one that gets no place in that
+//! time is answered `503 overloaded` with `Retry-After`, before anything reached etcd. A
+//! ticketing site's waiting room lets buyers in as others leave in the same way.
 //!
 //! A place is taken when the grant starts, not when it ends: a stampede of grants arriving
 //! together cannot all see room before the first is counted. Waiting, rather than shedding at
@@ -34,11 +34,12 @@ use tokio::time::Instant;
 
 use crate::keys::LeaseId;
 
-/// How long a new session may wait for a place before it is shed. Inside a client's usual
-/// request timeout (5 s in the Rust client), leaving it time for the grant itself. Longer is
-/// cheaper for everyone: each buyer turned away comes back after its `Retry-After` and backoff,
-/// and in the 5x flash sale those returns cost the two cores more CPU at 2 s than at 3.5 s
-/// (`docs/performance.md`, "Sixth pass").
+/// How long a new session waits for a place before it is shed, unless its grant says (`wait`).
+/// Inside a client's usual request timeout (5 s in the Rust client), leaving it time for the
+/// grant itself. Longer is cheaper for everyone: each buyer turned away comes back after its
+/// `Retry-After` and backoff, and in the 5x flash sale those returns cost the two cores more CPU
+/// at 2 s than at 3.5 s (`docs/performance.md`, "Sixth pass"); a client that can wait longer
+/// (a buyer in an on-sale) says so with `wait`, and comes back fewer times.
 pub const WAITING_ROOM: Duration = Duration::from_millis(3500);
 
 /// How often, at most, open sessions are checked for expiry: a session whose client vanished

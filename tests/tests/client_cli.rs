@@ -578,3 +578,50 @@ async fn verbose_shows_renewals_and_fail_overs() -> Result<()> {
     assert!(quiet.stderr.is_empty(), "{quiet:?}");
     Ok(())
 }
+
+/// `lease grant --wait`: against a server whose waiting room is full, `--wait 0s` is turned
+/// away at once, and a longer wait gets the place a revoke frees.
+#[tokio::test]
+async fn lease_grant_waits_for_a_place_in_a_full_waiting_room() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let mut config = leasehold_server::Config::default().with_etcd_endpoints(etcd.endpoints());
+    config.max_sessions = 1;
+    let server = TestServer::start_with(config).await?;
+    let api = Api::new(server.url());
+    let first = api.grant("30s").await?;
+
+    let started = Instant::now();
+    let turned_away = run(&server, &["lease", "grant", "--ttl", "30s", "--wait", "0s"]).await?;
+    anyhow::ensure!(
+        !turned_away.status.success()
+            && String::from_utf8_lossy(&turned_away.stderr).contains("overloaded"),
+        "a grant that would not wait, in a full room: {turned_away:?}"
+    );
+    anyhow::ensure!(
+        started.elapsed() < leasehold_server::WAITING_ROOM,
+        "--wait 0s waited {:?}",
+        started.elapsed()
+    );
+
+    let waiting = cli(&server)
+        .args([
+            "--output", "json", "lease", "grant", "--ttl", "30s", "--wait", "20s",
+        ])
+        .output();
+    let waiting = tokio::spawn(waiting);
+    tokio::time::sleep(leasehold_server::WAITING_ROOM + Duration::from_secs(1)).await;
+    anyhow::ensure!(!waiting.is_finished(), "--wait 20s gave up early");
+    let (status, body) = api.delete(&format!("/v1/leases/{first}")).await?;
+    anyhow::ensure!(status == 204, "revoke: {status} {body}");
+    let granted = waiting.await??;
+    anyhow::ensure!(granted.status.success(), "{granted:?}");
+    let lease: serde_json::Value = serde_json::from_slice(&granted.stdout)?;
+    let id = lease["lease_id"].as_str().context("lease_id")?;
+    Api::remember_handle(id, lease["handle"].as_str().context("handle")?);
+    let (status, body) = api.delete(&format!("/v1/leases/{id}")).await?;
+    anyhow::ensure!(
+        status == 204,
+        "revoke the waited-for lease: {status} {body}"
+    );
+    Ok(())
+}

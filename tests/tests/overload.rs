@@ -205,3 +205,74 @@ async fn sessions_past_the_bound_wait_for_a_place_or_are_shed() -> Result<()> {
     );
     Ok(())
 }
+
+/// A grant's `wait` says how long it waits for a place in a full waiting room: `0s` is shed at
+/// once, a bad one is refused before anything reaches etcd, and the Rust client's
+/// `grant_lease_waiting` waits past both the server's default and its own request timeout.
+#[tokio::test]
+async fn a_grant_waits_for_a_place_as_long_as_it_asked() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let mut config = leasehold_server::Config::default().with_etcd_endpoints(etcd.endpoints());
+    config.max_sessions = 1;
+    let server = leasehold_tests::TestServer::start_with(config).await?;
+    let api = Api::new(server.url());
+    let first = api.grant("30s").await?;
+    let mut etcd_client = etcd.client().await?;
+    let before = leasehold_tests::revision(&mut etcd_client).await?;
+
+    // Sent as is: the test kit's `post` would resend a shed request until it got in.
+    let grant = |body: Value| {
+        let request = api
+            .http()
+            .post(format!("{}/v1/leases", api.base()))
+            .json(&body);
+        async move {
+            let response = request.send().await?;
+            let status = response.status().as_u16();
+            anyhow::Ok((status, response.json::<Value>().await?))
+        }
+    };
+    let started = Instant::now();
+    let (status, body) = grant(json!({"ttl": "30s", "wait": "0s"})).await?;
+    ensure!(
+        status == 503 && body["error"]["code"] == "overloaded",
+        "a grant that would not wait: {status} {body}"
+    );
+    ensure!(
+        started.elapsed() < leasehold_server::WAITING_ROOM,
+        "a grant that asked not to wait waited {:?}",
+        started.elapsed()
+    );
+    for wait in [json!("soon"), json!(5), json!("1h")] {
+        let (status, body) = grant(json!({"ttl": "30s", "wait": wait})).await?;
+        ensure!(
+            status == 400 && body["error"]["code"] == "invalid_wait",
+            "wait {wait}: {status} {body}"
+        );
+    }
+    ensure!(
+        leasehold_tests::revision(&mut etcd_client).await? == before,
+        "a grant without a place wrote to etcd"
+    );
+
+    let client = leasehold::Client::builder()
+        .endpoint(server.url())
+        .request_timeout(Duration::from_secs(1))
+        .build()?;
+    let waiting = tokio::spawn(async move {
+        client
+            .grant_lease_waiting(Duration::from_secs(30), None, Duration::from_secs(8))
+            .await
+    });
+    let past_default = leasehold_server::WAITING_ROOM + Duration::from_secs(1);
+    tokio::time::sleep(past_default).await;
+    ensure!(
+        !waiting.is_finished(),
+        "the grant stopped waiting before its wait was out"
+    );
+    let (status, body) = api.delete(&format!("/v1/leases/{first}")).await?;
+    ensure!(status == 204, "revoke: {status} {body}");
+    let lease = waiting.await?.context("the waiting grant after a revoke")?;
+    lease.revoke().await?;
+    Ok(())
+}

@@ -427,6 +427,10 @@ pub enum LeaseCommand {
         /// Who holds it.
         #[arg(long)]
         owner: Option<String>,
+        /// How long to wait for a place if the server's waiting room is full (a server run
+        /// with --max-sessions); without it, the server's default (3.5s).
+        #[arg(long, value_parser = parse_duration)]
+        wait: Option<Duration>,
     },
     /// Refresh a lease to its full TTL once.
     Keepalive {
@@ -629,8 +633,11 @@ async fn lease(
     command: LeaseCommand,
 ) -> Result<(String, serde_json::Value), Error> {
     match command {
-        LeaseCommand::Grant { ttl, owner } => {
-            let lease = client.grant_lease_for(ttl, owner.clone()).await?;
+        LeaseCommand::Grant { ttl, owner, wait } => {
+            let lease = match wait {
+                Some(wait) => client.grant_lease_waiting(ttl, owner.clone(), wait).await?,
+                None => client.grant_lease_for(ttl, owner.clone()).await?,
+            };
             let ttl_ms = lease.ttl().as_millis() as u64;
             // The lease must outlive this process: stop keeping it alive, don't revoke it.
             let (id, handle) = lease.detach();

@@ -214,10 +214,13 @@ impl Fields<'_> {
 
     /// `wait`: a humantime duration, default zero (try once), at most `limits.max_wait`.
     pub fn wait(&self, limits: &Limits) -> Result<Duration, ApiError> {
-        let wait = self
-            .duration("wait", ApiError::InvalidWait)?
-            .unwrap_or(Duration::ZERO);
-        if wait > limits.max_wait {
+        Ok(self.wait_if_given(limits)?.unwrap_or(Duration::ZERO))
+    }
+
+    /// `wait`, if the body has one: a humantime duration, at most `limits.max_wait`.
+    pub fn wait_if_given(&self, limits: &Limits) -> Result<Option<Duration>, ApiError> {
+        let wait = self.duration("wait", ApiError::InvalidWait)?;
+        if wait.is_some_and(|wait| wait > limits.max_wait) {
             return Err(ApiError::InvalidWait(format!(
                 "`wait` is above the maximum of {}",
                 humantime::format_duration(limits.max_wait)

@@ -28,6 +28,11 @@ pub struct GrantLeaseBody {
     ttl: String,
     /// Who holds the lease (free text).
     owner: Option<String>,
+    /// How long to wait for a place when the server's waiting room is full (`--max-sessions`),
+    /// as a humantime duration, at most the server's `--max-wait`; past it the grant is
+    /// answered `503 overloaded`. Default 3.5 s; ignored when the server has no waiting room.
+    #[schema(example = "10s")]
+    wait: Option<String>,
 }
 
 /// A lease.
@@ -76,7 +81,7 @@ pub struct LeaseInfoResponse {
     request_body = GrantLeaseBody,
     responses(
         (status = 201, description = "Lease granted", body = LeaseResponse),
-        (status = 400, description = "invalid_json, invalid_ttl or invalid_request", body = ErrorBody),
+        (status = 400, description = "invalid_json, invalid_ttl, invalid_wait or invalid_request", body = ErrorBody),
         (status = 401, description = "unauthorized", body = ErrorBody),
         (status = 403, description = "forbidden (the handle names a lease being revoked)", body = ErrorBody),
         (status = 413, description = "body_too_large", body = ErrorBody),
@@ -94,10 +99,13 @@ pub async fn grant_lease(
         .ttl(&state.limits)?
         .ok_or_else(|| ApiError::InvalidTtl("`ttl` is required".into()))?;
     let owner = fields.owner()?;
+    let patience = fields
+        .wait_if_given(&state.limits)?
+        .unwrap_or(crate::sessions::WAITING_ROOM);
     // A new session: let in after the work of open ones, and only while fewer than
-    // `--max-sessions` are open here (it may wait a moment for one to close).
+    // `--max-sessions` are open here (it may wait, as long as it said, for one to close).
     crate::admission::opens_session();
-    let Some(place) = state.sessions.admit(crate::sessions::WAITING_ROOM).await else {
+    let Some(place) = state.sessions.admit(patience).await else {
         crate::metrics::shed();
         return Err(ServiceError::Overloaded(
             "this server has its --max-sessions open; retry later".into(),
