@@ -197,8 +197,27 @@ async fn serve(args: Args) -> std::io::Result<()> {
     let config = args
         .config()
         .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err))?;
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let listener = listen(args.listen)?;
     crate::run(listener, config, shutdown_signal()).await
+}
+
+/// Connections the kernel may hold for the server before it accepts them (the kernel caps it
+/// at `net.core.somaxconn`, 4,096 on current Linux). tokio's default, 1,024, overflows when a
+/// crowd connects at once (5,000 buyers in the flash sale, 1,500 clients in the storm test):
+/// the kernel then drops handshakes, which clients see as a second's wait for a SYN retransmit,
+/// or, with SYN cookies, as a connection reset on their first request.
+const LISTEN_BACKLOG: u32 = 8192;
+
+/// A listener on `addr` with [`LISTEN_BACKLOG`].
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -214,6 +233,29 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_listener_holds_a_crowd_that_connects_at_once() {
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // More than tokio's default backlog (1,024), all connecting before the server accepts
+        // any: each handshake must complete at once, none wait for a SYN retransmit. (Where the
+        // kernel allows fewer, as many as it allows.)
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(4096);
+        let crowd = 1100.min(somaxconn.saturating_sub(10));
+        let mut clients = Vec::with_capacity(crowd);
+        for n in 0..crowd {
+            let connect = tokio::net::TcpStream::connect(addr);
+            match tokio::time::timeout(std::time::Duration::from_millis(500), connect).await {
+                Ok(Ok(client)) => clients.push(client),
+                other => panic!("connection {n} of {crowd} not taken at once: {other:?}"),
+            }
+        }
+        drop(listener);
+    }
 
     #[test]
     fn group_commit_is_on_unless_turned_off() {
