@@ -532,6 +532,14 @@ impl TestServer {
             .await
     }
 
+    /// Starts a server on `etcd` with a waiting room of `max_sessions` places
+    /// (`--max-sessions`).
+    pub async fn start_with_max_sessions(etcd: &EtcdCluster, max_sessions: usize) -> Result<Self> {
+        let mut config = leasehold_server::Config::default().with_etcd_endpoints(etcd.endpoints());
+        config.max_sessions = max_sessions;
+        Self::start_with(config).await
+    }
+
     /// Starts a server with this configuration.
     pub async fn start_with(config: leasehold_server::Config) -> Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -999,6 +1007,23 @@ impl Api {
     pub async fn get(&self, path: &str) -> Result<(u16, Value)> {
         let request = self.http.get(format!("{}{path}", self.base));
         self.send(path, None, request).await
+    }
+
+    /// `POST path` with a JSON body, sent once: a shed answer (`503 overloaded`) is returned,
+    /// not resent as [`Api::post`] does. Also returns the `Retry-After` header, if any.
+    pub async fn post_once(&self, path: &str, body: Value) -> Result<(u16, Value, Option<String>)> {
+        let mut request = self.http.post(format!("{}{path}", self.base)).json(&body);
+        if let Some(token) = &self.bearer {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await?;
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        let (status, body) = Self::answer(response).await?;
+        Ok((status, body, retry_after))
     }
 
     /// `DELETE path`.

@@ -584,9 +584,7 @@ async fn verbose_shows_renewals_and_fail_overs() -> Result<()> {
 #[tokio::test]
 async fn lease_grant_waits_for_a_place_in_a_full_waiting_room() -> Result<()> {
     let etcd = EtcdCluster::start(1).await?;
-    let mut config = leasehold_server::Config::default().with_etcd_endpoints(etcd.endpoints());
-    config.max_sessions = 1;
-    let server = TestServer::start_with(config).await?;
+    let server = TestServer::start_with_max_sessions(&etcd, 1).await?;
     let api = Api::new(server.url());
     let first = api.grant("30s").await?;
 

@@ -154,27 +154,14 @@ fn retry_after(outcome: &str) -> Option<Duration> {
 #[tokio::test]
 async fn sessions_past_the_bound_wait_for_a_place_or_are_shed() -> Result<()> {
     let etcd = EtcdCluster::start(1).await?;
-    let mut config = leasehold_server::Config::default().with_etcd_endpoints(etcd.endpoints());
-    config.max_sessions = 2;
-    let server = leasehold_tests::TestServer::start_with(config).await?;
+    let server = leasehold_tests::TestServer::start_with_max_sessions(&etcd, 2).await?;
     let api = Api::new(server.url());
     let first = api.grant("30s").await?;
     api.grant("30s").await?;
     let mut etcd_client = etcd.client().await?;
     let before = leasehold_tests::revision(&mut etcd_client).await?;
 
-    let grant = |http: reqwest::Client, base: String| async move {
-        let response = http
-            .post(format!("{base}/v1/leases"))
-            .json(&json!({"ttl": "30s"}))
-            .send()
-            .await?;
-        let status = response.status().as_u16();
-        let retry_after = response.headers().get("retry-after").cloned();
-        let body: Value = response.json().await?;
-        anyhow::Ok((status, retry_after, body))
-    };
-    let (status, retry_after, body) = grant(api.http().clone(), api.base().to_owned()).await?;
+    let (status, body, retry_after) = api.post_once("/v1/leases", json!({"ttl": "30s"})).await?;
     ensure!(
         status == 503 && body["error"]["code"] == "overloaded",
         "a third session, no place freed: {status} {body}"
@@ -186,7 +173,10 @@ async fn sessions_past_the_bound_wait_for_a_place_or_are_shed() -> Result<()> {
     );
 
     // A fourth waits for a place; the revoke of the first lets it in.
-    let waiting = tokio::spawn(grant(api.http().clone(), api.base().to_owned()));
+    let waiting = tokio::spawn({
+        let api = api.clone();
+        async move { api.post_once("/v1/leases", json!({"ttl": "30s"})).await }
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
     ensure!(
         !waiting.is_finished(),
@@ -198,7 +188,7 @@ async fn sessions_past_the_bound_wait_for_a_place_or_are_shed() -> Result<()> {
     );
     let (status, body) = api.delete(&format!("/v1/leases/{first}")).await?;
     ensure!(status == 204, "revoke: {status} {body}");
-    let (status, _, body) = waiting.await??;
+    let (status, body, _) = waiting.await??;
     ensure!(
         status == 201,
         "the waiting session after a revoke: {status} {body}"
@@ -212,24 +202,18 @@ async fn sessions_past_the_bound_wait_for_a_place_or_are_shed() -> Result<()> {
 #[tokio::test]
 async fn a_grant_waits_for_a_place_as_long_as_it_asked() -> Result<()> {
     let etcd = EtcdCluster::start(1).await?;
-    let mut config = leasehold_server::Config::default().with_etcd_endpoints(etcd.endpoints());
-    config.max_sessions = 1;
-    let server = leasehold_tests::TestServer::start_with(config).await?;
+    let server = leasehold_tests::TestServer::start_with_max_sessions(&etcd, 1).await?;
     let api = Api::new(server.url());
     let first = api.grant("30s").await?;
     let mut etcd_client = etcd.client().await?;
     let before = leasehold_tests::revision(&mut etcd_client).await?;
 
-    // Sent as is: the test kit's `post` would resend a shed request until it got in.
+    // Sent once: the test kit's `post` would resend a shed request until it got in.
     let grant = |body: Value| {
-        let request = api
-            .http()
-            .post(format!("{}/v1/leases", api.base()))
-            .json(&body);
+        let api = api.clone();
         async move {
-            let response = request.send().await?;
-            let status = response.status().as_u16();
-            anyhow::Ok((status, response.json::<Value>().await?))
+            let (status, body, _) = api.post_once("/v1/leases", body).await?;
+            anyhow::Ok((status, body))
         }
     };
     let started = Instant::now();
