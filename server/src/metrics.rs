@@ -105,6 +105,10 @@ fn describe() {
         "leasehold_sessions_open",
         "Sessions open through this server, counted against --max-sessions (tracked only with it)."
     );
+    describe_counter!(
+        "leasehold_session_waits_total",
+        "New sessions that found the waiting room (--max-sessions) full and waited for a place."
+    );
     describe_gauge!(
         "leasehold_etcd_up",
         "1 if the last etcd call got an answer, else 0."
@@ -249,6 +253,11 @@ pub fn etcd_overloaded() {
 /// Records how many sessions are open through this server (`--max-sessions`).
 pub fn sessions_open(open: usize) {
     gauge!("leasehold_sessions_open").set(open as f64);
+}
+
+/// Counts a new session that found the waiting room full and waited in line.
+pub fn session_waited() {
+    counter!("leasehold_session_waits_total").increment(1);
 }
 
 /// Records the admission limit and queue length.

@@ -116,6 +116,7 @@ impl SessionCap {
             return Some(Place(Some(place)));
         }
         cap.sweep();
+        crate::metrics::session_waited();
         // In line: the wait keeps its place in the semaphore's queue until it is let in or
         // gives up, so a place freed goes to the first in line, whoever freed it.
         let wait = Arc::clone(&cap.places).acquire_owned();
