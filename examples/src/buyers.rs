@@ -80,6 +80,9 @@ pub struct Shop {
     finished: AtomicU32,
     /// Notified when a buyer finishes or a seat sells.
     progressed: Notify,
+    /// Turns true once, when the last seat sells: buyers still waiting in a server's waiting
+    /// room then leave it, as a ticketing site announces "sold out" to its queue.
+    sold_out: tokio::sync::watch::Sender<bool>,
     /// Latency of every granted acquire (refusals are bounded by the buyer's wait).
     pub(crate) latencies: Mutex<Vec<Duration>>,
     /// Locks granted.
@@ -146,6 +149,7 @@ impl Shop {
             budget: RetryBudget::default(),
             finished: AtomicU32::new(0),
             progressed: Notify::new(),
+            sold_out: tokio::sync::watch::Sender::new(false),
             latencies: Mutex::new(Vec::new()),
             acquisitions: AtomicU64::new(0),
             refusals: AtomicU64::new(0),
@@ -313,6 +317,9 @@ impl Shop {
         let mut map = self.seat_map.lock().expect("seat map mutex poisoned");
         for seat in seats {
             map.remove(seat);
+        }
+        if map.is_empty() {
+            self.sold_out.send_replace(true);
         }
         drop(map);
         let n = seats.len() as u64;
@@ -618,10 +625,20 @@ async fn visit(shop: &Arc<Shop>, id: u32, client: &Client) -> Result<BuyerOutcom
                 // once, rather than coming back every few seconds (each return costs the
                 // servers' cores); time in line counts against its patience.
                 let asked_at = Instant::now();
-                match client
-                    .grant_lease_waiting(shop.ttl, Some(name.clone()), patience.left())
-                    .await
-                {
+                let grant =
+                    client.grant_lease_waiting(shop.ttl, Some(name.clone()), patience.left());
+                let mut sold_out = shop.sold_out.subscribe();
+                let granted = tokio::select! {
+                    granted = grant => granted,
+                    // Sold out while it waited: it leaves the line. Dropping the request
+                    // closes its connection; a server still holding it in the waiting room
+                    // takes no place for it (a grant already under way is left to expire).
+                    _ = sold_out.wait_for(|&sold_out| sold_out) => {
+                        outcome.left = Leave::SoldOut;
+                        break;
+                    }
+                };
+                match granted {
                     Ok(lease) => {
                         // Let in, perhaps after seconds in line: look at the seat map again
                         // before asking for a seat it may show sold by now.
