@@ -54,9 +54,9 @@ pub struct Args {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub group_commit: bool,
-    /// Sessions (leases granted with POST /v1/leases) open through this server at once; past it
-    /// new ones are answered 503 overloaded with Retry-After, as a waiting room lets buyers in as
-    /// others leave. 0: no bound.
+    /// A waiting room: sessions (leases granted with POST /v1/leases) open through this server
+    /// at once. Past it, a new one waits in line for a place (as long as its grant's "wait",
+    /// default 3.5s), then is answered 503 overloaded with Retry-After. 0: no bound.
     #[arg(long, env = "LEASEHOLD_MAX_SESSIONS", default_value_t = 0)]
     pub max_sessions: usize,
     /// Open connections at most; more are answered 503 too_many_connections.

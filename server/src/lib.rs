@@ -117,7 +117,7 @@ pub struct Config {
     /// default: see `docs/performance.md`, "Group commit".
     pub group_commit: bool,
     /// Sessions (leases granted with `POST /v1/leases`) open through this replica at once; past
-    /// it new ones are shed (`sessions.rs`). 0: no bound.
+    /// it new ones wait for a place, then are shed (`sessions.rs`). 0: no bound.
     pub max_sessions: usize,
     /// Fault injection, for tests only (no command-line flag): waiters hear no wake-up, and find
     /// their turn only by re-reading, as when wake-ups arrive after a waiter's deadline under

@@ -110,11 +110,11 @@ impl SessionCap {
             return Some(Place(None));
         };
         let deadline = Instant::now() + patience;
-        // Expired sessions free their places when someone needs one (a background task would
-        // do the same work when nobody does).
         if let Ok(place) = Arc::clone(&cap.places).try_acquire_owned() {
             return Some(Place(Some(place)));
         }
+        // Expired sessions free their places when someone needs one (a background task would
+        // do the same work when nobody does).
         cap.sweep();
         crate::metrics::session_waited();
         // In line: the wait keeps its place in the semaphore's queue until it is let in or
@@ -178,18 +178,16 @@ impl SessionCap {
 
 impl Cap {
     /// Frees the places of sessions whose TTL ran out unrenewed, unless that was done less than
-    /// [`SWEEP_EVERY`] ago; answers how many were freed.
-    fn sweep(&self) -> usize {
+    /// [`SWEEP_EVERY`] ago.
+    fn sweep(&self) {
         let mut open = self.state.lock().expect("session cap lock");
         let now = Instant::now();
         if open.swept.is_some_and(|at| now < at + SWEEP_EVERY) {
-            return 0;
+            return;
         }
         open.swept = Some(now);
-        let before = open.sessions.len();
         open.sessions.retain(|_, (until, _)| *until > now);
         crate::metrics::sessions_open(open.sessions.len());
-        before - open.sessions.len()
     }
 }
 

@@ -878,13 +878,13 @@ impl Api {
         }
     }
 
-    /// Sends `request` (to `path`, with `body`) with the remembered handle and the bearer token.
-    async fn send(
+    /// `request` (to `path`, with `body`) with the remembered handle and the bearer token.
+    fn authorized(
         &self,
         path: &str,
         body: Option<&Value>,
         mut request: reqwest::RequestBuilder,
-    ) -> Result<(u16, Value)> {
+    ) -> reqwest::RequestBuilder {
         if self.send_handles
             && let Some(handle) = Self::handle_for(path, body)
         {
@@ -893,6 +893,17 @@ impl Api {
         if let Some(token) = &self.bearer {
             request = request.bearer_auth(token);
         }
+        request
+    }
+
+    /// Sends `request` (to `path`, with `body`) with the remembered handle and the bearer token.
+    async fn send(
+        &self,
+        path: &str,
+        body: Option<&Value>,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(u16, Value)> {
+        let request = self.authorized(path, body, request);
         let (status, answer) = Self::send_through_shedding(request).await?;
         Self::remember(path, status, &answer);
         Ok((status, answer))
@@ -1012,18 +1023,16 @@ impl Api {
     /// `POST path` with a JSON body, sent once: a shed answer (`503 overloaded`) is returned,
     /// not resent as [`Api::post`] does. Also returns the `Retry-After` header, if any.
     pub async fn post_once(&self, path: &str, body: Value) -> Result<(u16, Value, Option<String>)> {
-        let mut request = self.http.post(format!("{}{path}", self.base)).json(&body);
-        if let Some(token) = &self.bearer {
-            request = request.bearer_auth(token);
-        }
-        let response = request.send().await?;
+        let request = self.http.post(format!("{}{path}", self.base)).json(&body);
+        let response = self.authorized(path, Some(&body), request).send().await?;
         let retry_after = response
             .headers()
             .get("retry-after")
             .and_then(|value| value.to_str().ok())
             .map(str::to_owned);
-        let (status, body) = Self::answer(response).await?;
-        Ok((status, body, retry_after))
+        let (status, answer) = Self::answer(response).await?;
+        Self::remember(path, status, &answer);
+        Ok((status, answer, retry_after))
     }
 
     /// `DELETE path`.

@@ -209,15 +209,10 @@ async fn a_grant_waits_for_a_place_as_long_as_it_asked() -> Result<()> {
     let before = leasehold_tests::revision(&mut etcd_client).await?;
 
     // Sent once: the test kit's `post` would resend a shed request until it got in.
-    let grant = |body: Value| {
-        let api = api.clone();
-        async move {
-            let (status, body, _) = api.post_once("/v1/leases", body).await?;
-            anyhow::Ok((status, body))
-        }
-    };
     let started = Instant::now();
-    let (status, body) = grant(json!({"ttl": "30s", "wait": "0s"})).await?;
+    let (status, body, _) = api
+        .post_once("/v1/leases", json!({"ttl": "30s", "wait": "0s"}))
+        .await?;
     ensure!(
         status == 503 && body["error"]["code"] == "overloaded",
         "a grant that would not wait: {status} {body}"
@@ -228,7 +223,9 @@ async fn a_grant_waits_for_a_place_as_long_as_it_asked() -> Result<()> {
         started.elapsed()
     );
     for wait in [json!("soon"), json!(5), json!("1h")] {
-        let (status, body) = grant(json!({"ttl": "30s", "wait": wait})).await?;
+        let (status, body, _) = api
+            .post_once("/v1/leases", json!({"ttl": "30s", "wait": wait}))
+            .await?;
         ensure!(
             status == 400 && body["error"]["code"] == "invalid_wait",
             "wait {wait}: {status} {body}"
