@@ -115,6 +115,11 @@ impl Client {
         self.inner.failovers()
     }
 
+    /// Opens a connection ahead of need (see [`crate::Client::warm_up`]).
+    pub fn warm_up(&self) -> Result<(), Error> {
+        self.runtime.block_on(self.inner.warm_up())
+    }
+
     /// Starts acquiring lock `name`; finish with [`LockBuilder::acquire`] or
     /// [`LockBuilder::try_acquire`].
     pub fn lock<'a>(&self, name: impl Into<String>) -> LockBuilder<'a> {

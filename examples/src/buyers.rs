@@ -21,7 +21,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use leasehold::{Client, Error, FencingToken, GroupGuard, Lease, LockGuard, RetryBudget};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -82,7 +82,7 @@ pub struct Shop {
     progressed: Notify,
     /// Turns true once, when the last seat sells: buyers still waiting in a server's waiting
     /// room then leave it, as a ticketing site announces "sold out" to its queue.
-    sold_out: tokio::sync::watch::Sender<bool>,
+    sold_out: watch::Sender<bool>,
     /// Latency of every granted acquire (refusals are bounded by the buyer's wait).
     pub(crate) latencies: Mutex<Vec<Duration>>,
     /// Locks granted.
@@ -95,8 +95,10 @@ pub struct Shop {
     pub(crate) gave_up: AtomicU64,
     /// Seats the ledger sold (a group's sale counts its seats).
     pub(crate) sales: AtomicU64,
-    /// When the crowd was let in.
+    /// When the doors opened to the crowd: the sale's clock starts here.
     pub(crate) opened_at: OnceLock<Instant>,
+    /// How long the buyers took to connect before the doors opened (zero on a cold start).
+    pub(crate) connect_time: OnceLock<Duration>,
     /// When the last seat was sold, and how many locks had been granted by then.
     pub(crate) last_sale: Mutex<Option<(Instant, u64)>>,
     /// Requests another replica answered after one failed, summed over the buyers' clients.
@@ -149,7 +151,7 @@ impl Shop {
             budget: RetryBudget::default(),
             finished: AtomicU32::new(0),
             progressed: Notify::new(),
-            sold_out: tokio::sync::watch::Sender::new(false),
+            sold_out: watch::Sender::new(false),
             latencies: Mutex::new(Vec::new()),
             acquisitions: AtomicU64::new(0),
             refusals: AtomicU64::new(0),
@@ -157,6 +159,7 @@ impl Shop {
             gave_up: AtomicU64::new(0),
             sales: AtomicU64::new(0),
             opened_at: OnceLock::new(),
+            connect_time: OnceLock::new(),
             last_sale: Mutex::new(None),
             failovers: AtomicU64::new(0),
             shown_place: AtomicU64::new(0),
@@ -398,23 +401,49 @@ impl Shop {
     }
 }
 
-/// Starts every buyer at once; resolves to their outcomes.
+/// Lets the whole crowd in at once; resolves to the buyers' outcomes.
+///
+/// Unless the run is a cold start, every buyer's client first opens its connection (the
+/// buyers wait on the sale's page), and the doors open, starting the sale's clock, once all
+/// have: the servers then face every buyer's first request in the same instant, without the
+/// crowd's TCP handshakes in the way on the cores this machine shares.
 pub fn release_the_crowd(
     shop: &Arc<Shop>,
     options: &Options,
 ) -> JoinHandle<Result<Vec<BuyerOutcome>>> {
-    let _ = shop.opened_at.set(Instant::now());
+    let doors = watch::Sender::new(false);
+    let ready = Arc::new(Semaphore::new(0));
+    let arrived = Instant::now();
     let tasks: Vec<_> = (0..options.buyers)
         .map(|id| {
-            let shop = shop.clone();
+            let (shop, ready, mut opened) = (shop.clone(), ready.clone(), doors.subscribe());
+            let warm = !options.cold_start;
             tokio::spawn(async move {
-                let outcome = buyer(&shop, id).await;
+                let client = shop.client_for(id);
+                if let (Ok(client), true) = (&client, warm)
+                    && let Err(err) = client.warm_up().await
+                {
+                    // Its first real request connects (or fails over) instead.
+                    tracing::debug!(buyer = id, error = %err, "could not connect before the doors opened");
+                }
+                ready.add_permits(1);
+                let _ = opened.wait_for(|&open| open).await;
+                let outcome = match client {
+                    Ok(client) => buyer(&shop, id, &client).await,
+                    Err(err) => Err(err),
+                };
                 shop.buyer_done();
                 outcome
             })
         })
         .collect();
+    let (shop, buyers) = (shop.clone(), options.buyers);
     tokio::spawn(async move {
+        let _everyone = ready.acquire_many(buyers).await?;
+        if shop.opened_at.set(Instant::now()).is_ok() {
+            let _ = shop.connect_time.set(arrived.elapsed());
+        }
+        doors.send_replace(true);
         let mut outcomes = Vec::with_capacity(tasks.len());
         for task in tasks {
             outcomes.push(task.await??);
@@ -561,9 +590,8 @@ fn pick_block(rng: &mut StdRng, unsold: &[u32], hot_seats: u32, size: usize) -> 
 
 /// One buyer: its client shares the run's retry budget; the fail-overs it saw are added to the
 /// shop's count when it leaves.
-async fn buyer(shop: &Arc<Shop>, id: u32) -> Result<BuyerOutcome> {
-    let client = shop.client_for(id)?;
-    let outcome = visit(shop, id, &client).await;
+async fn buyer(shop: &Arc<Shop>, id: u32, client: &Client) -> Result<BuyerOutcome> {
+    let outcome = visit(shop, id, client).await;
     shop.failovers
         .fetch_add(client.failovers(), Ordering::Relaxed);
     outcome

@@ -90,6 +90,12 @@ struct Args {
     /// it count down.
     #[arg(long)]
     show_queue: bool,
+    /// Buyers connect only when the doors open: the crowd's connects then land in the sale's
+    /// first second, on the cores the servers and etcd share. By default every buyer's client
+    /// connects before the doors open (buyers waiting on the sale's page) and the sale's clock
+    /// starts when they open.
+    #[arg(long)]
+    cold_start: bool,
     /// Flash sale: run the sale twice with the same seed, with --buyers and with 5x as many,
     /// and print both goodputs side by side.
     #[arg(long)]
@@ -130,7 +136,8 @@ fn main() -> ExitCode {
         .with_wait(args.wait)
         .with_patience(args.patience)
         .with_groups(args.groups)
-        .with_show_queue(args.show_queue);
+        .with_show_queue(args.show_queue)
+        .with_cold_start(args.cold_start);
     if let Some(path) = &args.token_file {
         match std::fs::read_to_string(path) {
             Ok(token) => options.bearer_token = Some(token.trim().to_owned()),

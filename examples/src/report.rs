@@ -36,12 +36,15 @@ pub struct Report {
     /// Seats still unsold at the end of a run in which a buyer was turned away because of
     /// overload: seats those buyers should have had. Must be 0.
     pub unsold_while_turned_away: u64,
-    /// Goodput: seats sold per second, from the crowd's arrival to the last sale.
+    /// Goodput: seats sold per second, from the doors' opening to the last sale.
     pub seats_per_second: f64,
     /// Goodput: locks granted per second over the same time (grants up to the last sale).
     pub grants_per_second: f64,
-    /// From the crowd's arrival to the last sale.
+    /// From the doors' opening to the last sale.
     pub selling_time: Duration,
+    /// How long the buyers took to connect before the doors opened; `None` on a cold start
+    /// (they connected as the doors opened, within the selling time).
+    pub connect_time: Option<Duration>,
     /// Requests another replica answered after one failed, summed over every buyer's client.
     pub failovers: u64,
     /// Buyers who came as a group of friends.
@@ -122,6 +125,8 @@ impl Report {
             seats_per_second: per_second(shop.sold()),
             grants_per_second: per_second(grants_by_last_sale),
             selling_time,
+            connect_time: (!options.cold_start)
+                .then(|| shop.connect_time.get().copied().unwrap_or_default()),
             failovers: shop.failovers.load(Ordering::Relaxed),
             groups: outcomes.iter().filter(|o| o.group.is_some()).count() as u32,
             show_queue: options.show_queue,
@@ -207,6 +212,10 @@ impl fmt::Display for Report {
                 "goodput: lock grants / s",
                 format!("{:.0}", self.grants_per_second),
             ),
+            (
+                "buyers connected before the doors opened",
+                connected(self.connect_time),
+            ),
             ("run time", format!("{:.1} s", self.elapsed.as_secs_f64())),
             ("owner mismatches", self.audit.owner_mismatches.to_string()),
             ("double-sold seats", self.audit.double_sold.to_string()),
@@ -253,6 +262,14 @@ impl fmt::Display for Report {
             "\n  double-sold seats: {} ({verdict})",
             self.audit.double_sold
         )
+    }
+}
+
+/// Whether (and in how long) the buyers connected before the doors opened.
+fn connected(connect_time: Option<Duration>) -> String {
+    match connect_time {
+        Some(time) => format!("yes, in {:.1} s", time.as_secs_f64()),
+        None => "no (cold start)".into(),
     }
 }
 
@@ -311,6 +328,9 @@ impl fmt::Display for Comparison {
             }),
             row("acquire latency p50", &|r| ms(r.acquire_p50)),
             row("acquire latency p99", &|r| ms(r.acquire_p99)),
+            row("connected before the doors opened", &|r| {
+                connected(r.connect_time)
+            }),
             row("run time", &|r| format!("{:.1} s", r.elapsed.as_secs_f64())),
             row("seats unsold while buyers were turned away", &|r| {
                 r.unsold_while_turned_away.to_string()

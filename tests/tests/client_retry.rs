@@ -3,6 +3,7 @@
 //! requests. Against a small in-test HTTP stub that answers what each test needs (`503
 //! overloaded` with `Retry-After`, as the servers answer when they shed load).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +31,8 @@ struct Stub {
     arrivals: Arc<Mutex<Vec<Instant>>>,
     /// Each request's method and path ("post /v1/leases"), lowercased.
     requests: Arc<Mutex<Vec<String>>>,
+    /// Connections accepted.
+    connections: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -39,10 +42,13 @@ impl Stub {
         let url = format!("http://{}", listener.local_addr()?);
         let arrivals = Arc::new(Mutex::new(Vec::new()));
         let requests = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
         let task = tokio::spawn({
             let (arrivals, requests) = (arrivals.clone(), requests.clone());
+            let connections = connections.clone();
             async move {
                 while let Ok((stream, _)) = listener.accept().await {
+                    connections.fetch_add(1, Ordering::Relaxed);
                     tokio::spawn(serve(
                         stream,
                         arrivals.clone(),
@@ -56,6 +62,7 @@ impl Stub {
             url,
             arrivals,
             requests,
+            connections,
             task,
         })
     }
@@ -475,6 +482,56 @@ async fn failovers_count_calls_answered_by_another_endpoint() -> Result<()> {
         .build()?;
     nowhere.status("x").await.unwrap_err();
     assert_eq!(nowhere.failovers(), 0);
+    Ok(())
+}
+
+/// `Client::warm_up` opens a connection ahead of need with one `GET /healthz` and keeps it: the
+/// next request goes over it (no second connection). Past a dead endpoint it fails over, and
+/// the client then starts at the endpoint that answered. With no endpoint up it fails.
+#[tokio::test]
+async fn warm_up_opens_the_connection_the_next_request_uses() -> Result<()> {
+    let live = Stub::start(Arc::new(|_| (200, None, STATUS))).await?;
+    let client = Client::new(&live.url)?;
+    client.warm_up().await?;
+    assert_eq!(live.connections.load(Ordering::Relaxed), 1);
+    client.status("x").await?;
+    assert_eq!(
+        live.requests(),
+        ["get /healthz", "get /v1/locks/x"],
+        "one health check, then the real request"
+    );
+    assert_eq!(
+        live.connections.load(Ordering::Relaxed),
+        1,
+        "the request after the warm-up reused its connection"
+    );
+
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        format!("http://{}", listener.local_addr()?)
+    };
+    let other = Stub::start(Arc::new(|_| (200, None, STATUS))).await?;
+    let failing_over = Client::builder()
+        .endpoint(&dead)
+        .endpoint(&other.url)
+        .build()?;
+    failing_over.warm_up().await?;
+    assert_eq!(failing_over.failovers(), 1);
+    failing_over.status("x").await?;
+    assert_eq!(
+        (
+            failing_over.failovers(),
+            other.connections.load(Ordering::Relaxed)
+        ),
+        (1, 1),
+        "after warming up past the dead endpoint, requests start at the live one, connected"
+    );
+
+    let nowhere = Client::builder()
+        .endpoint(&dead)
+        .retry_policy(RetryPolicy::once_per_endpoint())
+        .build()?;
+    assert!(nowhere.warm_up().await.is_err());
     Ok(())
 }
 
