@@ -973,25 +973,37 @@ impl Api {
     /// The sum of every sample of metric `name` on the server's `/metrics` (whatever its
     /// labels; 0 when absent).
     pub async fn metric(&self, name: &str) -> Result<f64> {
-        let text = self
+        self.metric_where(name, "").await
+    }
+
+    /// The sum of the samples of metric `name` whose labels include `label` (such as
+    /// `route="/healthz"`; "" for every sample); 0 when none.
+    pub async fn metric_where(&self, name: &str, label: &str) -> Result<f64> {
+        let text = self.metrics_text().await?;
+        Ok(text
+            .lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix(name)?;
+                let (labels, value) = match rest.as_bytes().first()? {
+                    b' ' => ("", rest),
+                    b'{' => rest.split_at(rest.find('}')? + 1),
+                    _ => return None,
+                };
+                labels.contains(label).then_some(())?;
+                value.trim().parse::<f64>().ok()
+            })
+            .sum())
+    }
+
+    /// The server's `/metrics` page.
+    pub async fn metrics_text(&self) -> Result<String> {
+        Ok(self
             .http
             .get(format!("{}/metrics", self.base))
             .send()
             .await?
             .text()
-            .await?;
-        Ok(text
-            .lines()
-            .filter_map(|line| {
-                let rest = line.strip_prefix(name)?;
-                let value = match rest.as_bytes().first()? {
-                    b' ' => rest,
-                    b'{' => &rest[rest.find('}')? + 1..],
-                    _ => return None,
-                };
-                value.trim().parse::<f64>().ok()
-            })
-            .sum())
+            .await?)
     }
 
     /// `POST path` with a JSON body.

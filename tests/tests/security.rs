@@ -347,13 +347,7 @@ async fn handles_stay_out_of_logs_and_metrics() -> Result<()> {
     .await?;
     api.post("/v1/locks/secret/release", json!({"token": held["token"]}))
         .await?;
-    let metrics = api
-        .http()
-        .get(format!("{}/metrics", server.url()))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = api.metrics_text().await?;
     drop(server);
     let logs = std::fs::read_to_string(&log)?;
     ensure!(logs.contains("http_request"), "debug logs were written");
