@@ -9,7 +9,8 @@
 //! A flash sale (`--compare`) runs the same sale at 1x and 5x the buyers and prints both
 //! goodputs side by side; `--patience` is how long a buyer the servers shed keeps trying;
 //! `--groups` sets the share of buyers who come as friends wanting adjacent seats; `--show-queue`
-//! shows waiting buyers their place in line.
+//! shows waiting buyers their place in line. Buyers connect before the doors open (as a crowd
+//! waits on a sale's page) unless `--cold-start` says they connect as the sale starts.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
