@@ -420,7 +420,8 @@ pub fn release_the_crowd(
             let warm = !options.cold_start;
             tokio::spawn(async move {
                 let client = shop.client_for(id);
-                if let (Ok(client), true) = (&client, warm)
+                if warm
+                    && let Ok(client) = &client
                     && let Err(err) = client.warm_up().await
                 {
                     // Its first real request connects (or fails over) instead.

@@ -989,7 +989,9 @@ impl Api {
                     b'{' => rest.split_at(rest.find('}')? + 1),
                     _ => return None,
                 };
-                labels.contains(label).then_some(())?;
+                if !labels.contains(label) {
+                    return None;
+                }
                 value.trim().parse::<f64>().ok()
             })
             .sum())

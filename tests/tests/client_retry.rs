@@ -249,10 +249,7 @@ async fn retry_budget_bounds_retries() -> Result<()> {
 /// needs a token, so the budget is really empty here.
 #[tokio::test]
 async fn refused_connections_fail_over_without_spending_the_budget() -> Result<()> {
-    let dead = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        format!("http://{}", listener.local_addr()?)
-    };
+    let dead = format!("http://127.0.0.1:{}", leasehold_tests::free_port()?);
     let live = Stub::start(Arc::new(|_| (200, None, STATUS))).await?;
     let empty = || RetryBudget::new(0.0, 0.0, 1.0);
     let budget = empty();
@@ -297,10 +294,7 @@ async fn refused_connections_fail_over_without_spending_the_budget() -> Result<(
 /// give up, it reports what the live one answered, not "could not connect".
 #[tokio::test]
 async fn a_refusing_endpoint_is_set_aside_while_a_live_one_asks_for_a_pause() -> Result<()> {
-    let dead = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        format!("http://{}", listener.local_addr()?)
-    };
+    let dead = format!("http://127.0.0.1:{}", leasehold_tests::free_port()?);
     // Overloaded at first (pause 1 s), then serving.
     let live = Stub::start(Arc::new(|n| match n {
         0 => (503, Some("1"), OVERLOADED),
@@ -418,10 +412,7 @@ async fn cli_honours_retry_after() -> Result<()> {
 /// and a call that fails everywhere are none. Clones share the count.
 #[tokio::test]
 async fn failovers_count_calls_answered_by_another_endpoint() -> Result<()> {
-    let dead = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        format!("http://{}", listener.local_addr()?)
-    };
+    let dead = format!("http://127.0.0.1:{}", leasehold_tests::free_port()?);
     let live = Stub::start(Arc::new(|_| (200, None, STATUS))).await?;
     let client = Client::builder()
         .endpoint(&dead)
@@ -506,10 +497,7 @@ async fn warm_up_opens_the_connection_the_next_request_uses() -> Result<()> {
         "the request after the warm-up reused its connection"
     );
 
-    let dead = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        format!("http://{}", listener.local_addr()?)
-    };
+    let dead = format!("http://127.0.0.1:{}", leasehold_tests::free_port()?);
     let other = Stub::start(Arc::new(|_| (200, None, STATUS))).await?;
     let failing_over = Client::builder()
         .endpoint(&dead)
