@@ -43,11 +43,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::proto::PbTxnOpResponse;
-use etcd_client::{Client, Txn, TxnOp, TxnResponse};
+use etcd_client::{Txn, TxnOp, TxnResponse};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::metrics;
 use crate::store::StoreError;
+use crate::txn_channel::TxnRoute;
 
 /// Batches outstanding per endpoint at a time. Two keeps etcd busy while the next batch forms:
 /// one alone leaves it idle between an answer and the next request (measured: 2 sustains about
@@ -75,9 +76,9 @@ struct Job {
 impl Batcher {
     /// Starts the batcher's task, which ends when the last clone is dropped. Each etcd request
     /// is bounded by `timeout`, as a lone call is.
-    pub fn start(client: Client, timeout: Duration) -> Self {
+    pub fn start(route: TxnRoute, timeout: Duration) -> Self {
         let (jobs, queue) = mpsc::unbounded_channel();
-        tokio::spawn(dispatch(client, queue, timeout));
+        tokio::spawn(dispatch(route, queue, timeout));
         Self { jobs }
     }
 
@@ -97,7 +98,7 @@ impl Batcher {
 }
 
 /// Forms batches: waits for a free slot, then takes every job queued (up to [`MAX_BATCH`]).
-async fn dispatch(client: Client, mut queue: mpsc::UnboundedReceiver<Job>, timeout: Duration) {
+async fn dispatch(route: TxnRoute, mut queue: mpsc::UnboundedReceiver<Job>, timeout: Duration) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     loop {
         let slot = Arc::clone(&slots)
@@ -113,11 +114,11 @@ async fn dispatch(client: Client, mut queue: mpsc::UnboundedReceiver<Job>, timeo
         }
         let (batch, alone) = take_batch(first, &mut queue);
         for job in alone {
-            tokio::spawn(send_alone(client.clone(), job, timeout));
+            tokio::spawn(send_alone(route.clone(), job, timeout));
         }
-        let client = client.clone();
+        let route = route.clone();
         tokio::spawn(async move {
-            send(client, batch, timeout).await;
+            send(route, batch, timeout).await;
             drop(slot);
         });
     }
@@ -145,37 +146,34 @@ fn take_batch(first: Job, queue: &mut mpsc::UnboundedReceiver<Job>) -> (Vec<Job>
 }
 
 /// Sends `batch` as one etcd request and answers each job.
-async fn send(client: Client, batch: Vec<Job>, timeout: Duration) {
+async fn send(route: TxnRoute, batch: Vec<Job>, timeout: Duration) {
     let (txns, replies): (Vec<Txn>, Vec<_>) =
         batch.into_iter().map(|job| (job.txn, job.reply)).unzip();
-    for (reply, answer) in replies
-        .into_iter()
-        .zip(commit(&client, txns, timeout).await)
-    {
+    for (reply, answer) in replies.into_iter().zip(commit(&route, txns, timeout).await) {
         let _ = reply.send(answer);
     }
 }
 
 /// Sends one job's txn as a request of its own.
-async fn send_alone(client: Client, job: Job, timeout: Duration) {
-    let _ = job.reply.send(commit_alone(client, job.txn, timeout).await);
+async fn send_alone(route: TxnRoute, job: Job, timeout: Duration) {
+    let _ = job.reply.send(commit_alone(route, job.txn, timeout).await);
 }
 
 /// Runs `txns`, each of a different group, as one etcd request (a lone txn as itself), and
 /// gives each its own answer: its branch's answer under the request's header. What etcd refuses
 /// whole for one txn's sake is run txn by txn.
 pub async fn commit(
-    client: &Client,
+    route: &TxnRoute,
     mut txns: Vec<Txn>,
     timeout: Duration,
 ) -> Vec<Result<TxnResponse, StoreError>> {
     if txns.len() == 1 {
         let txn = txns.pop().expect("one txn");
-        return vec![commit_alone(client.clone(), txn, timeout).await];
+        return vec![commit_alone(route.clone(), txn, timeout).await];
     }
     metrics::etcd_batch(txns.len());
     let nested: Vec<TxnOp> = txns.iter().map(|txn| TxnOp::txn(txn.clone())).collect();
-    match call(client.clone(), Txn::new().and_then(nested), timeout).await {
+    match call(route.clone(), Txn::new().and_then(nested), timeout).await {
         Ok(answer) => {
             let header = answer.0.header;
             let mut answers: Vec<_> = answer
@@ -198,7 +196,7 @@ pub async fn commit(
         Err(failed) if failed.refused_whole => {
             let alone = txns
                 .into_iter()
-                .map(|txn| commit_alone(client.clone(), txn, timeout));
+                .map(|txn| commit_alone(route.clone(), txn, timeout));
             futures::future::join_all(alone).await
         }
         Err(failed) => txns.iter().map(|_| Err(failed.error.clone())).collect(),
@@ -210,11 +208,11 @@ fn unexpected_shape() -> StoreError {
 }
 
 async fn commit_alone(
-    client: Client,
+    route: TxnRoute,
     txn: Txn,
     timeout: Duration,
 ) -> Result<TxnResponse, StoreError> {
-    call(client, txn, timeout)
+    call(route, txn, timeout)
         .await
         .map_err(|failed| failed.error)
 }
@@ -226,8 +224,8 @@ struct Failed {
     refused_whole: bool,
 }
 
-async fn call(mut client: Client, txn: Txn, timeout: Duration) -> Result<TxnResponse, Failed> {
-    match tokio::time::timeout(timeout, client.txn(txn)).await {
+async fn call(route: TxnRoute, txn: Txn, timeout: Duration) -> Result<TxnResponse, Failed> {
+    match tokio::time::timeout(timeout, route.txn(txn)).await {
         Ok(Ok(answer)) => Ok(answer),
         Ok(Err(err)) => Err(Failed {
             refused_whole: refused_whole(&err),

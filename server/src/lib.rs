@@ -51,6 +51,7 @@ mod sessions;
 mod store;
 mod telemetry;
 mod tenants;
+pub mod txn_channel;
 mod wakeups;
 mod watch;
 

@@ -25,6 +25,7 @@ use tracing::Instrument;
 use crate::batch::Batcher;
 use crate::keys::LeaseId;
 use crate::metrics;
+use crate::txn_channel::{TxnChannel, TxnRoute};
 
 /// Why etcd did not do what we asked.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -97,6 +98,9 @@ pub struct Store {
 
 struct Endpoint {
     client: Client,
+    /// Where this endpoint's txns go: the lean channel for a plain-text endpoint without etcd
+    /// authentication (`txn_channel.rs`), else etcd-client.
+    txns: TxnRoute,
     /// Group commit of lock txns sent to this endpoint (`batch.rs`), started on first use: never
     /// while group commit is off.
     batcher: OnceLock<Batcher>,
@@ -127,8 +131,9 @@ impl Store {
         request_timeout: Duration,
         security: &crate::EtcdSecurity,
     ) -> Result<Self, StoreError> {
+        let connect_timeout = request_timeout.min(Duration::from_secs(2));
         let mut options = ConnectOptions::new()
-            .with_connect_timeout(request_timeout.min(Duration::from_secs(2)))
+            .with_connect_timeout(connect_timeout)
             .with_timeout(request_timeout)
             // Detect a stalled member (paused, partitioned) on long-lived watch streams. Not more
             // often than etcd's default `--grpc-keepalive-min-time` (5 s): a client that pings
@@ -143,6 +148,7 @@ impl Store {
         if let Some(tls) = tls_options(security)? {
             options = options.with_tls(tls);
         }
+        let lean_tls = crate::txn_channel::client_tls(security).map_err(StoreError::Unavailable)?;
         let mut clients = Vec::with_capacity(endpoints.len());
         for endpoint in endpoints {
             let client = Client::connect([endpoint], Some(options.clone()))
@@ -163,8 +169,19 @@ impl Store {
                     }
                 });
             }
+            // etcd's token authentication stays with etcd-client, which keeps the token fresh.
+            let lean = if security.user.is_none() {
+                TxnChannel::new(endpoint, connect_timeout, lean_tls.clone())
+            } else {
+                None
+            };
+            let txns = match lean {
+                Some(channel) => TxnRoute::Lean(Arc::new(channel)),
+                None => TxnRoute::Client(Box::new(client.clone())),
+            };
             clients.push(Endpoint {
                 batcher: OnceLock::new(),
+                txns,
                 client,
                 suspect_until_ms: AtomicU64::new(0),
                 since: std::time::Instant::now(),
@@ -297,12 +314,10 @@ impl Store {
     /// A transaction; `target` names the key or prefix it is about, for traces.
     pub async fn txn(&self, target: &str, txn: Txn) -> Result<TxnResponse, StoreError> {
         let at = self.pick();
-        self.call(
-            at,
-            "txn",
-            target,
-            with_client(move |mut client| async move { client.txn(txn).await }),
-        )
+        self.call(at, "txn", target, move |endpoint: &Endpoint| {
+            let route = endpoint.txns.clone();
+            async move { route.txn(txn).await }
+        })
         .await
     }
 
@@ -323,7 +338,7 @@ impl Store {
         self.call(at, "txn", target, move |endpoint| {
             let batcher = endpoint
                 .batcher
-                .get_or_init(|| Batcher::start(endpoint.client.clone(), timeout))
+                .get_or_init(|| Batcher::start(endpoint.txns.clone(), timeout))
                 .clone();
             let group = group.to_owned();
             async move { batcher.txn(group, txn).await }

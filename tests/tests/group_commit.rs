@@ -9,6 +9,7 @@ use anyhow::Result;
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
 use leasehold_server::StoreError;
 use leasehold_server::batch::commit;
+use leasehold_server::txn_channel::{TxnChannel, TxnRoute};
 use leasehold_tests::{Api, EtcdCluster, TestServer, revision};
 use serde_json::json;
 
@@ -27,6 +28,18 @@ fn create(key: &str, lease: Option<i64>) -> Txn {
         .or_else([TxnOp::get(key, None)])
 }
 
+/// Both ways a txn reaches etcd: the lean channel and etcd-client.
+async fn routes(etcd: &EtcdCluster) -> Result<[(&'static str, TxnRoute); 2]> {
+    let lean = TxnChannel::for_endpoint(&etcd.endpoint(0), TIMEOUT).expect("plain text");
+    Ok([
+        ("lean channel", TxnRoute::Lean(std::sync::Arc::new(lean))),
+        (
+            "etcd-client",
+            TxnRoute::Client(Box::new(etcd.client().await?)),
+        ),
+    ])
+}
+
 fn created_at(answer: &TxnResponse) -> i64 {
     match answer.op_responses().last() {
         Some(TxnOpResponse::Get(get)) => get.kvs()[0].create_revision(),
@@ -39,28 +52,35 @@ async fn txns_about_different_locks_commit_as_one_request_with_their_own_answers
     let _metrics = METRICS.lock().await;
     let etcd = EtcdCluster::start(1).await?;
     let mut client = etcd.client().await?;
-    client.put("taken", "x", None).await?;
-    let before = revision(&mut client).await?;
+    for (route_name, route) in routes(&etcd).await? {
+        let key = |name: &str| format!("{route_name}/{name}");
+        client.put(key("taken"), "x", None).await?;
+        let before = revision(&mut client).await?;
 
-    let answers = commit(
-        &client,
-        vec![create("a", None), create("taken", None), create("b", None)],
-        TIMEOUT,
-    )
-    .await;
-    let answers: Vec<TxnResponse> = answers.into_iter().collect::<Result<_, _>>()?;
+        let answers = commit(
+            &route,
+            vec![
+                create(&key("a"), None),
+                create(&key("taken"), None),
+                create(&key("b"), None),
+            ],
+            TIMEOUT,
+        )
+        .await;
+        let answers: Vec<TxnResponse> = answers.into_iter().collect::<Result<_, _>>()?;
 
-    // Each txn took its own branch...
-    let taken: Vec<bool> = answers.iter().map(TxnResponse::succeeded).collect();
-    assert_eq!(taken, [true, false, true]);
-    // ...in one request: one revision for both writes, which every answer's header carries.
-    assert_eq!(revision(&mut client).await?, before + 1);
-    for answer in &answers {
-        assert_eq!(answer.header().map(|h| h.revision()), Some(before + 1));
+        // Each txn took its own branch...
+        let taken: Vec<bool> = answers.iter().map(TxnResponse::succeeded).collect();
+        assert_eq!(taken, [true, false, true], "{route_name}");
+        // ...in one request: one revision for both writes, which every answer's header carries.
+        assert_eq!(revision(&mut client).await?, before + 1, "{route_name}");
+        for answer in &answers {
+            assert_eq!(answer.header().map(|h| h.revision()), Some(before + 1));
+        }
+        assert_eq!(created_at(&answers[0]), before + 1);
+        assert_eq!(created_at(&answers[2]), before + 1);
+        assert_eq!(created_at(&answers[1]), before);
     }
-    assert_eq!(created_at(&answers[0]), before + 1);
-    assert_eq!(created_at(&answers[2]), before + 1);
-    assert_eq!(created_at(&answers[1]), before);
     Ok(())
 }
 
@@ -69,48 +89,55 @@ async fn a_batch_etcd_refuses_whole_is_run_txn_by_txn() -> Result<()> {
     let _metrics = METRICS.lock().await;
     let etcd = EtcdCluster::start(1).await?;
     let mut client = etcd.client().await?;
-
-    // A put on a lease that does not exist makes etcd refuse the whole request, applying
-    // nothing: the other txns must not share that refusal.
-    let before = revision(&mut client).await?;
-    let answers = commit(
-        &client,
-        vec![
-            create("a", None),
-            create("orphan", Some(0x7eed)),
-            create("b", None),
-        ],
-        TIMEOUT,
-    )
-    .await;
-    assert!(
-        matches!(answers[1], Err(StoreError::LeaseNotFound)),
-        "{:?}",
-        answers[1]
-    );
-    for answer in [&answers[0], &answers[2]] {
+    for (route_name, route) in routes(&etcd).await? {
+        let key = |name: &str| format!("{route_name}/{name}");
+        // A put on a lease that does not exist makes etcd refuse the whole request, applying
+        // nothing: the other txns must not share that refusal.
+        let before = revision(&mut client).await?;
+        let answers = commit(
+            &route,
+            vec![
+                create(&key("a"), None),
+                create(&key("orphan"), Some(0x7eed)),
+                create(&key("b"), None),
+            ],
+            TIMEOUT,
+        )
+        .await;
         assert!(
-            answer.as_ref().is_ok_and(TxnResponse::succeeded),
-            "{answer:?}"
+            matches!(answers[1], Err(StoreError::LeaseNotFound)),
+            "{:?}",
+            answers[1]
         );
-    }
-    assert_eq!(
-        revision(&mut client).await?,
-        before + 2,
-        "two requests of their own"
-    );
-    assert!(client.get("orphan", None).await?.kvs().is_empty());
+        for answer in [&answers[0], &answers[2]] {
+            assert!(
+                answer.as_ref().is_ok_and(TxnResponse::succeeded),
+                "{answer:?}"
+            );
+        }
+        assert_eq!(
+            revision(&mut client).await?,
+            before + 2,
+            "two requests of their own"
+        );
+        assert!(client.get(key("orphan"), None).await?.kvs().is_empty());
 
-    // So is one that etcd finds malformed as a whole (`InvalidArgument`): the same key put by
-    // two of its txns, which group commit never sends but must survive.
-    let before = revision(&mut client).await?;
-    let answers = commit(&client, vec![create("c", None), create("c", None)], TIMEOUT).await;
-    let taken: Vec<bool> = answers
-        .into_iter()
-        .map(|answer| answer.map(|a| a.succeeded()))
-        .collect::<Result<_, _>>()?;
-    assert_eq!(taken.iter().filter(|&&t| t).count(), 1, "{taken:?}");
-    assert_eq!(revision(&mut client).await?, before + 1);
+        // So is one that etcd finds malformed as a whole (`InvalidArgument`): the same key put by
+        // two of its txns, which group commit never sends but must survive.
+        let before = revision(&mut client).await?;
+        let answers = commit(
+            &route,
+            vec![create(&key("c"), None), create(&key("c"), None)],
+            TIMEOUT,
+        )
+        .await;
+        let taken: Vec<bool> = answers
+            .into_iter()
+            .map(|answer| answer.map(|a| a.succeeded()))
+            .collect::<Result<_, _>>()?;
+        assert_eq!(taken.iter().filter(|&&t| t).count(), 1, "{taken:?}");
+        assert_eq!(revision(&mut client).await?, before + 1);
+    }
     Ok(())
 }
 

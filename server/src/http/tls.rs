@@ -70,7 +70,8 @@ fn server_config(files: &TlsFiles) -> Result<ServerConfig, String> {
     Ok(config)
 }
 
-fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+/// The PEM certificates in `path` (the etcd channel's CA and client certificate use it too).
+pub(crate) fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let chain = CertificateDer::pem_file_iter(path)
         .map_err(|err| format!("TLS certificate {}: {err}", path.display()))?
         .collect::<Result<Vec<_>, _>>()
