@@ -54,6 +54,20 @@ pub struct Args {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub group_commit: bool,
+    /// Send lock txns to etcd over Leasehold's own HTTP/2 channel (one write per txn; see
+    /// docs/design.md, "The lean txn channel"). On by default; `--lean-etcd-channel=false` (or
+    /// LEASEHOLD_LEAN_ETCD_CHANNEL=0) sends them through etcd-client like every other call.
+    #[arg(
+        long,
+        env = "LEASEHOLD_LEAN_ETCD_CHANNEL",
+        default_value_t = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub lean_etcd_channel: bool,
     /// A waiting room: sessions (leases granted with POST /v1/leases) open through this server
     /// at once. Past it, a new one waits in line for a place (as long as its grant's "wait",
     /// default 3.5s), then is answered 503 overloaded with Retry-After. 0: no bound.
@@ -140,6 +154,7 @@ impl Args {
             .with_limits(self.max_ttl, self.max_wait)
             .with_connection_limits(self.max_connections, self.header_timeout);
         config.group_commit = self.group_commit;
+        config.lean_etcd_channel = self.lean_etcd_channel;
         config.max_sessions = self.max_sessions;
         if let Some(path) = &self.auth_file {
             config = config.with_auth_file(path);
@@ -267,5 +282,15 @@ mod tests {
         assert!(bare.config().unwrap().group_commit);
         let off = Args::try_parse_from(["leasehold-server", "--group-commit=false"]).unwrap();
         assert!(!off.config().unwrap().group_commit);
+    }
+
+    #[test]
+    fn the_lean_etcd_channel_is_on_unless_turned_off() {
+        if std::env::var_os("LEASEHOLD_LEAN_ETCD_CHANNEL").is_none() {
+            let default = Args::try_parse_from(["leasehold-server"]).unwrap();
+            assert!(default.config().unwrap().lean_etcd_channel);
+        }
+        let off = Args::try_parse_from(["leasehold-server", "--lean-etcd-channel=false"]).unwrap();
+        assert!(!off.config().unwrap().lean_etcd_channel);
     }
 }

@@ -117,6 +117,9 @@ pub struct Config {
     /// Group commit (`batch.rs`): send txns about different locks as one etcd txn. On by
     /// default: see `docs/performance.md`, "Group commit".
     pub group_commit: bool,
+    /// Lock txns go to etcd over the lean channel (`txn_channel.rs`) where it serves the
+    /// endpoint; off: through etcd-client. On by default.
+    pub lean_etcd_channel: bool,
     /// Sessions (leases granted with `POST /v1/leases`) open through this replica at once; past
     /// it new ones wait for a place, then are shed (`sessions.rs`). 0: no bound.
     pub max_sessions: usize,
@@ -153,6 +156,7 @@ impl Default for Config {
             tls: None,
             etcd_security: EtcdSecurity::default(),
             group_commit: true,
+            lean_etcd_channel: true,
             max_sessions: 0,
             fault_waiters_miss_wakeups: false,
         }
@@ -257,7 +261,8 @@ pub async fn run(
     )
     .await
     .map_err(|err| invalid(err.to_string()))?
-    .with_group_commit(config.group_commit);
+    .with_group_commit(config.group_commit)
+    .with_lean_channel(config.lean_etcd_channel);
     let service = Service::new(store, &config.prefix);
     if config.fault_waiters_miss_wakeups {
         tracing::warn!("fault injection: waiters miss every wake-up");

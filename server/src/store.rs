@@ -94,13 +94,15 @@ pub struct Store {
     known_revision: Arc<AtomicI64>,
     /// Whether [`Store::batched_txn`] batches (`--group-commit`); off: every txn alone.
     group_commit: bool,
+    /// Whether txns take an endpoint's lean channel where it has one (`--lean-etcd-channel`).
+    lean_channel: bool,
 }
 
 struct Endpoint {
     client: Client,
-    /// Where this endpoint's txns go: the lean channel for a plain-text endpoint without etcd
-    /// authentication (`txn_channel.rs`), else etcd-client.
-    txns: TxnRoute,
+    /// The lean channel for this endpoint's txns (`txn_channel.rs`), where it serves it (no etcd
+    /// user; `http://`, or `https://` with etcd's CA).
+    lean: Option<Arc<TxnChannel>>,
     /// Group commit of lock txns sent to this endpoint (`batch.rs`), started on first use: never
     /// while group commit is off.
     batcher: OnceLock<Batcher>,
@@ -171,17 +173,13 @@ impl Store {
             }
             // etcd's token authentication stays with etcd-client, which keeps the token fresh.
             let lean = if security.user.is_none() {
-                TxnChannel::new(endpoint, connect_timeout, lean_tls.clone())
+                TxnChannel::new(endpoint, connect_timeout, lean_tls.clone()).map(Arc::new)
             } else {
                 None
             };
-            let txns = match lean {
-                Some(channel) => TxnRoute::Lean(Arc::new(channel)),
-                None => TxnRoute::Client(Box::new(client.clone())),
-            };
             clients.push(Endpoint {
                 batcher: OnceLock::new(),
-                txns,
+                lean,
                 client,
                 suspect_until_ms: AtomicU64::new(0),
                 since: std::time::Instant::now(),
@@ -197,7 +195,22 @@ impl Store {
             request_timeout,
             known_revision: Arc::new(AtomicI64::new(0)),
             group_commit: false,
+            lean_channel: true,
         })
+    }
+
+    /// The same store, sending txns over the lean channel (where it serves an endpoint) or not.
+    pub fn with_lean_channel(mut self, on: bool) -> Self {
+        self.lean_channel = on;
+        self
+    }
+
+    /// Where txns to `endpoint` go.
+    fn txn_route(&self, endpoint: &Endpoint) -> TxnRoute {
+        match &endpoint.lean {
+            Some(channel) if self.lean_channel => TxnRoute::Lean(channel.clone()),
+            _ => TxnRoute::Client(Box::new(endpoint.client.clone())),
+        }
     }
 
     /// The same store, with group commit on or off (`batch.rs`; off unless asked for).
@@ -314,8 +327,8 @@ impl Store {
     /// A transaction; `target` names the key or prefix it is about, for traces.
     pub async fn txn(&self, target: &str, txn: Txn) -> Result<TxnResponse, StoreError> {
         let at = self.pick();
-        self.call(at, "txn", target, move |endpoint: &Endpoint| {
-            let route = endpoint.txns.clone();
+        self.call(at, "txn", target, |endpoint: &Endpoint| {
+            let route = self.txn_route(endpoint);
             async move { route.txn(txn).await }
         })
         .await
@@ -338,7 +351,7 @@ impl Store {
         self.call(at, "txn", target, move |endpoint| {
             let batcher = endpoint
                 .batcher
-                .get_or_init(|| Batcher::start(endpoint.txns.clone(), timeout))
+                .get_or_init(|| Batcher::start(self.txn_route(endpoint), timeout))
                 .clone();
             let group = group.to_owned();
             async move { batcher.txn(group, txn).await }

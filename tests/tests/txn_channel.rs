@@ -10,7 +10,8 @@ use anyhow::{Context, Result};
 use etcd_client::{GetOptions, Txn, TxnOp, TxnResponse};
 use leasehold_server::EtcdSecurity;
 use leasehold_server::txn_channel::{TxnChannel, client_tls};
-use leasehold_tests::{EtcdCluster, TestPki};
+use leasehold_tests::{Api, EtcdCluster, ServerProcess, TestPki, server_bin};
+use serde_json::json;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -100,6 +101,75 @@ async fn waits_out_a_stalled_member_and_reconnects_after_a_killed_one() -> Resul
     let now = client.get("k", None).await?;
     assert_eq!(now.kvs()[0].value(), b"restarted");
     Ok(())
+}
+
+/// Through the server: lock txns take the lean channel by default (a connection to etcd of its
+/// own, beside etcd-client's, which carries the watch and the leases), and
+/// `--lean-etcd-channel=false` keeps them on etcd-client's.
+#[tokio::test]
+async fn the_server_sends_lock_txns_over_the_lean_channel_unless_told_not_to() -> Result<()> {
+    let etcd = EtcdCluster::start(1).await?;
+    let etcd_port: u16 = etcd
+        .endpoint(0)
+        .rsplit(':')
+        .next()
+        .context("port")?
+        .parse()?;
+    for (args, connections) in [(&[][..], 2), (&["--lean-etcd-channel=false"][..], 1)] {
+        let server = ServerProcess::spawn(&server_bin!(), &etcd.endpoints(), args).await?;
+        let api = Api::new(server.url());
+        let lease = api.grant("30s").await?;
+        let (status, grant) = api
+            .post("/v1/locks/lean/acquire", json!({"lease_id": lease}))
+            .await?;
+        assert_eq!(status, 200, "{args:?}: {grant}");
+        let (status, released) = api
+            .post("/v1/locks/lean/release", json!({"token": grant["token"]}))
+            .await?;
+        assert_eq!(status, 200, "{args:?}: {released}");
+        let pid = server.pid().context("server pid")?;
+        assert_eq!(
+            connections_to(pid, etcd_port)?,
+            connections,
+            "{args:?}: the server's connections to etcd"
+        );
+    }
+    Ok(())
+}
+
+/// Established TCP connections of process `pid` to local port `port` (from `/proc`).
+fn connections_to(pid: u32, port: u16) -> Result<usize> {
+    let mut sockets = std::collections::HashSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let target = std::fs::read_link(fd?.path()).unwrap_or_default();
+        if let Some(inode) = target
+            .to_str()
+            .and_then(|t| t.strip_prefix("socket:["))
+            .and_then(|t| t.strip_suffix(']'))
+        {
+            sockets.insert(inode.to_owned());
+        }
+    }
+    let mut count = 0;
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))?;
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(remote), Some(state), Some(inode)) =
+                (fields.get(2), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            let remote_port = remote
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if *state == "01" && remote_port == Some(port) && sockets.contains(*inode) {
+                count += 1;
+            }
+        }
+    }
+    Ok(count)
 }
 
 #[tokio::test]
