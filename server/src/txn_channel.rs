@@ -10,22 +10,23 @@
 //! "A lean etcd channel").
 //!
 //! It serves `http://` endpoints, and `https://` ones when the server is given etcd's CA
-//! (`--etcd-ca-file`, with `--etcd-cert` and `--etcd-key` if they are set). An etcd user and password (etcd's
-//! token authentication), or an endpoint without a scheme, keeps every call on etcd-client
-//! (`Store::connect`). Errors keep etcd-client's shape (`GRpcStatus` for etcd's answers,
-//! `IoError` for the transport), so [`crate::store::StoreError`]'s mapping and group commit's
-//! "refused whole" rule see the same thing either way.
+//! (`--etcd-ca-file`, with `--etcd-cert` and `--etcd-key` if they are set). An etcd user and
+//! password (etcd's token authentication), or an endpoint without a scheme, keeps every call on
+//! etcd-client (`Store::connect`); so does `--lean-etcd-channel=false`. Errors keep
+//! etcd-client's shape (`GRpcStatus` for etcd's answers, `IoError` for the transport), so
+//! [`crate::store::StoreError`]'s mapping and group commit's "refused whole" rule see the same
+//! thing either way.
 //!
 //! No keep-alive pings: etcd counts pings on a connection without an open stream against the
 //! client, and the txns here are all short. A member that stops answering holds each call until
 //! the caller's timeout (the store then passes over it for a while); a connection that fails is
 //! replaced on the next call.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
-use etcd_client::proto::{PbTxnRequest, PbTxnResponse};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use etcd_client::proto::{PbTxnRequest, PbTxnResponse};
 use etcd_client::{Client, Txn, TxnResponse};
 use h2::client::SendRequest;
 use http::{HeaderValue, Request, Uri};
@@ -271,6 +272,7 @@ pub enum TxnRoute {
 }
 
 impl TxnRoute {
+    /// Runs `txn` (unbounded in time: the caller bounds it).
     pub async fn txn(&self, txn: Txn) -> Result<TxnResponse, etcd_client::Error> {
         match self {
             TxnRoute::Lean(channel) => channel.txn(txn).await,

@@ -1,7 +1,8 @@
 //! The lean txn channel (`server/src/txn_channel.rs`) against a real etcd: the same answers as
 //! etcd-client, answers larger than a flow-control window, TLS with client certificates, and a
-//! connection that survives a stalled member and comes back after a killed one. (Its refusals keep etcd-client's error
-//! shape: `group_commit.rs` runs its "refused whole" cases over both channels.)
+//! connection that survives a stalled member and comes back after a killed one; and the server's
+//! choice of channel (`--lean-etcd-channel`). Its refusals keep etcd-client's error shape:
+//! `group_commit.rs` runs its "refused whole" cases over both channels.
 
 use std::sync::Arc;
 use std::time::Duration;
