@@ -15,7 +15,7 @@
 //! before the batch, then applies the parts in order. So a batch equals its parts run one after
 //! another only if no part compares a key that another part writes. Each txn names its
 //! *group*, and the txns sent here keep to that rule by construction:
-//! - lock txns (acquire of one name, its decisive read, release, a hold's confirming read, the
+//! - lock txns (acquire of one name, release, a hold's confirming read, the
 //!   clean-up of a confirmed enqueue; group: the lock) compare their lock's keys and their
 //!   lease's `auth` key, and write only their lock's keys and the lease's lock-delay entry for
 //!   that lock (which nothing compares); the one that writes an `auth` key creates a lease nobody

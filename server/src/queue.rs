@@ -1023,9 +1023,12 @@ impl Service {
             }
             let target = &seats[0].waiter_key;
             let decisive = Txn::new().when(compares.clone()).and_then(reads);
-            let resp = self
-                .txn_on_locks(seats.iter().map(|seat| &seat.name), target, decisive)
-                .await?;
+            // Alone, never in a group-commit batch: a read-only txn is served by etcd's read
+            // path, beside its apply loop, with no raft entry; inside a batch with writes it
+            // would wait for the fsync and run in the serial apply loop, where reading a long
+            // queue holds up every write behind it (`docs/performance.md`, "Decisive reads
+            // alone").
+            let resp = self.store.txn(target, decisive).await?;
             if !resp.succeeded() {
                 return Ok(Turn::Gone);
             }
