@@ -150,7 +150,12 @@ impl Store {
         if let Some(tls) = tls_options(security)? {
             options = options.with_tls(tls);
         }
-        let lean_tls = crate::txn_channel::client_tls(security).map_err(StoreError::Unavailable)?;
+        // etcd's token authentication stays with etcd-client, which keeps the token fresh: no
+        // lean channel then, and no TLS set up for one.
+        let lean_tls = match security.user {
+            None => crate::txn_channel::client_tls(security).map_err(StoreError::Unavailable)?,
+            Some(_) => None,
+        };
         let mut clients = Vec::with_capacity(endpoints.len());
         for endpoint in endpoints {
             let client = Client::connect([endpoint], Some(options.clone()))
@@ -171,11 +176,9 @@ impl Store {
                     }
                 });
             }
-            // etcd's token authentication stays with etcd-client, which keeps the token fresh.
-            let lean = if security.user.is_none() {
-                TxnChannel::new(endpoint, connect_timeout, lean_tls.clone()).map(Arc::new)
-            } else {
-                None
+            let lean = match security.user {
+                None => TxnChannel::new(endpoint, connect_timeout, lean_tls.clone()).map(Arc::new),
+                Some(_) => None,
             };
             clients.push(Endpoint {
                 batcher: OnceLock::new(),

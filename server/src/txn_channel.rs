@@ -23,7 +23,6 @@
 //! replaced on the next call.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use etcd_client::proto::{PbTxnRequest, PbTxnResponse};
@@ -52,19 +51,15 @@ pub struct TxnChannel {
     address: String,
     /// The live connection and its generation (which connection a failure was on).
     connection: std::sync::Mutex<Option<(u64, SendRequest<Bytes>)>>,
-    generation: std::sync::atomic::AtomicU64,
-    connecting: tokio::sync::Mutex<()>,
+    /// Held while connecting (one connection attempt at a time); counts the connections made,
+    /// which numbers their generations.
+    connecting: tokio::sync::Mutex<u64>,
     connect_timeout: std::time::Duration,
     /// For `https://`: the connector and the name etcd's certificate must carry.
     tls: Option<(TlsConnector, ServerName<'static>)>,
 }
 
 impl TxnChannel {
-    /// A channel to a plain-text `endpoint` (`http://host:port`), or `None` for any other.
-    pub fn for_endpoint(endpoint: &str, connect_timeout: std::time::Duration) -> Option<Self> {
-        Self::new(endpoint, connect_timeout, None)
-    }
-
     /// A channel to `endpoint`: `http://host:port`, or `https://host:port` with `tls` (see
     /// [`client_tls`]). `None` for an endpoint it does not serve.
     pub fn new(
@@ -96,8 +91,7 @@ impl TxnChannel {
             uri,
             address: authority.to_string(),
             connection: std::sync::Mutex::new(None),
-            generation: std::sync::atomic::AtomicU64::new(0),
-            connecting: tokio::sync::Mutex::new(()),
+            connecting: tokio::sync::Mutex::new(0),
             connect_timeout,
             tls,
         })
@@ -106,9 +100,10 @@ impl TxnChannel {
     /// Runs `txn` (unbounded in time: the caller bounds it).
     pub async fn txn(&self, txn: Txn) -> Result<TxnResponse, etcd_client::Error> {
         let request = PbTxnRequest::from(txn);
-        let mut frame = BytesMut::with_capacity(5 + request.encoded_len());
+        let len = request.encoded_len();
+        let mut frame = BytesMut::with_capacity(5 + len);
         frame.put_u8(0); // not compressed
-        frame.put_u32(u32::try_from(request.encoded_len()).map_err(|_| too_large())?);
+        frame.put_u32(u32::try_from(len).map_err(|_| too_large())?);
         request.encode(&mut frame).expect("BytesMut grows");
         let (generation, sender) = self.sender().await?;
         let answer = self.send(sender, frame.freeze()).await;
@@ -168,7 +163,7 @@ impl TxnChannel {
         if let Some(live) = self.connection.lock().expect("not poisoned").clone() {
             return Ok(live);
         }
-        let _one_at_a_time = self.connecting.lock().await;
+        let mut connections_made = self.connecting.lock().await;
         if let Some(live) = self.connection.lock().expect("not poisoned").clone() {
             return Ok(live);
         }
@@ -195,7 +190,8 @@ impl TxnChannel {
                 ))
             })?
             .map_err(etcd_client::Error::IoError)?;
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        *connections_made += 1;
+        let generation = *connections_made;
         *self.connection.lock().expect("not poisoned") = Some((generation, sender.clone()));
         Ok((generation, sender))
     }

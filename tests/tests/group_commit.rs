@@ -30,7 +30,7 @@ fn create(key: &str, lease: Option<i64>) -> Txn {
 
 /// Both ways a txn reaches etcd: the lean channel and etcd-client.
 async fn routes(etcd: &EtcdCluster) -> Result<[(&'static str, TxnRoute); 2]> {
-    let lean = TxnChannel::for_endpoint(&etcd.endpoint(0), TIMEOUT).expect("plain text");
+    let lean = TxnChannel::new(&etcd.endpoint(0), TIMEOUT, None).expect("plain text");
     Ok([
         ("lean channel", TxnRoute::Lean(std::sync::Arc::new(lean))),
         (

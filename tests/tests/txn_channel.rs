@@ -17,7 +17,7 @@ use serde_json::json;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn channel(etcd: &EtcdCluster) -> Arc<TxnChannel> {
-    Arc::new(TxnChannel::for_endpoint(&etcd.endpoint(0), CONNECT_TIMEOUT).expect("plain text"))
+    Arc::new(TxnChannel::new(&etcd.endpoint(0), CONNECT_TIMEOUT, None).expect("plain text"))
 }
 
 fn read_all(prefix: &str) -> Txn {
@@ -210,11 +210,11 @@ async fn speaks_tls_to_an_etcd_that_checks_client_certificates() -> Result<()> {
 fn serves_http_endpoints_alone_unless_given_tls() {
     for endpoint in ["https://127.0.0.1:2379", "127.0.0.1:2379", "not a uri"] {
         assert!(
-            TxnChannel::for_endpoint(endpoint, CONNECT_TIMEOUT).is_none(),
+            TxnChannel::new(endpoint, CONNECT_TIMEOUT, None).is_none(),
             "{endpoint}"
         );
     }
-    assert!(TxnChannel::for_endpoint("http://127.0.0.1:2379", CONNECT_TIMEOUT).is_some());
+    assert!(TxnChannel::new("http://127.0.0.1:2379", CONNECT_TIMEOUT, None).is_some());
 }
 
 fn revision(answer: &TxnResponse) -> i64 {
